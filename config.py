@@ -1,0 +1,424 @@
+"""The deployment matrix: load and validate models.yaml, resolve names, check fits.
+
+One entry point, `load(path)`, returns a validated `Matrix` or raises
+`ConfigError` whose lines each name the file, the field path and the problem.
+Everything else here is pure arithmetic and naming over that `Matrix`; this
+module imports no other project module, so every other one may import it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import dataclasses
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt, Le
+
+DEFAULT_PATH = Path(__file__).with_name("models.yaml")
+GIB = 1024**3
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "fp8": 1}
+STARTER_PLAN_ENDPOINT_LIMIT = 8  # web endpoints a Modal Starter workspace may deploy
+
+
+# ## Errors: one type, shown as one line by the CLI
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """Flags or names that do not make sense (same exit code as a CLI usage error)."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """models.yaml is malformed or inconsistent."""
+
+    exit_code = 3
+
+
+# ## Schema (unknown keys are errors: a typo must not pass silently)
+#
+# Plain frozen dataclasses that pydantic validates: the --list path can then
+# load a cached, already-validated matrix without importing pydantic (~170 ms).
+
+Positive = Annotated[float, Gt(0)]
+PositiveInt = Annotated[int, Gt(0)]
+Count = Annotated[int, Ge(0)]
+_STRICT = {"extra": "forbid"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Defaults:
+    __pydantic_config__ = _STRICT
+    vllm_version: str
+    gpu_memory_utilization: Annotated[float, Gt(0), Le(1)] = 0.92
+    overhead_gib_per_gpu: Annotated[float, Ge(0)] = 3.0
+    scaledown_window_seconds: PositiveInt = 900
+    max_concurrent_inputs: PositiveInt = 32
+    max_replicas: PositiveInt = 4
+    fast_boot: bool = True
+    startup_timeout_seconds: PositiveInt = 1800
+    request_timeout_seconds: PositiveInt = 3600
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPU:
+    __pydantic_config__ = _STRICT
+    key: str = ""  # filled from the mapping key
+    modal_gpu: str
+    vram_gb: Positive
+    usd_per_hour: Positive
+    max_count: Literal[1, 2, 4, 8] = 8
+
+    def modal_string(self, count: int) -> str:
+        return self.modal_gpu if count == 1 else f"{self.modal_gpu}:{count}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlidingWindow:
+    __pydantic_config__ = _STRICT
+    layers: PositiveInt
+    window: PositiveInt
+
+
+@dataclass(frozen=True, kw_only=True)
+class Vision:
+    __pydantic_config__ = _STRICT
+    images: Count = 1
+    videos: Count = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Model:
+    __pydantic_config__ = _STRICT
+    key: str = ""  # filled from the mapping key
+    name: str = ""  # defaults to huggingface_id
+    huggingface_id: str
+    revision: str | None = None
+    gated: bool = False
+    params_b: Positive
+    layers: PositiveInt
+    attention_heads: PositiveInt
+    kv_heads: PositiveInt
+    head_dim: PositiveInt
+    sliding_window: SlidingWindow | None = None
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    quantization: Literal["fp8"] | None = None
+    max_model_len: PositiveInt
+    tool_parser: str | None = None
+    chat_template: str | None = None
+    vision: Vision | None = None
+    snapshot: bool = False
+    gpus: tuple[str, ...] | None = None  # None: every GPU of the matrix
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def aliases(self) -> list[str]:
+        """Every name a client may send for this model (matched without regard to case)."""
+        return list(dict.fromkeys([self.name, self.key, self.huggingface_id]))
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params_b * 1e9 * BYTES_PER_PARAM[self.quantization or self.dtype]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatrixFile:
+    __pydantic_config__ = _STRICT
+    defaults: Defaults
+    gpus: dict[str, GPU]
+    models: dict[str, Model]
+
+
+# ## Fit check: weights + KV cache at max_model_len + overhead against VRAM
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one model sits on one GPU type: the smallest tensor-parallel size that works."""
+
+    model: Model
+    gpu: GPU
+    fits: bool
+    count: int  # GPUs per replica (= --tensor-parallel-size); 0 when it does not fit
+    need_gib: float  # weights + one max-length sequence's KV cache + overhead, all GPUs
+    budget_gib: float  # VRAM x gpu_memory_utilization, all GPUs
+    kv_tokens: int  # tokens of KV cache that fit beside the weights (vLLM's "KV cache size")
+    reason: str = ""
+
+    @property
+    def gpu_string(self) -> str:
+        return self.gpu.modal_string(self.count) if self.fits else ""
+
+    @property
+    def usd_per_hour(self) -> float:
+        """What one running replica of this cell costs per hour."""
+        return self.gpu.usd_per_hour * self.count
+
+
+def kv_bytes_per_token(model: Model) -> int:
+    """KV bytes each token costs in full-attention layers (K and V, 2 bytes each in bf16)."""
+    full_layers = model.layers - (model.sliding_window.layers if model.sliding_window else 0)
+    return 2 * full_layers * model.kv_heads * model.head_dim * 2
+
+
+def sliding_kv_bytes(model: Model) -> int:
+    """KV bytes of the sliding-window layers for one sequence: capped by the window."""
+    if not model.sliding_window:
+        return 0
+    window = min(model.sliding_window.window, model.max_model_len)
+    return 2 * model.sliding_window.layers * model.kv_heads * model.head_dim * 2 * window
+
+
+def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults) -> Fit:
+    per_gpu_budget = gpu.vram_gb * 1e9 * defaults.gpu_memory_utilization
+    fixed = model.weight_bytes + sliding_kv_bytes(model)
+    per_token = kv_bytes_per_token(model)
+    need = 0.0
+    for count in TENSOR_PARALLEL_SIZES:
+        if count > gpu.max_count or model.attention_heads % count:
+            continue
+        budget = per_gpu_budget * count
+        overhead = defaults.overhead_gib_per_gpu * GIB * count
+        need = fixed + overhead + per_token * model.max_model_len
+        if need <= budget:
+            kv_tokens = int((budget - fixed - overhead) // per_token)
+            return Fit(model, gpu, True, count, need / GIB, budget / GIB, kv_tokens)
+    largest = max(c for c in TENSOR_PARALLEL_SIZES if c <= gpu.max_count)
+    reason = (
+        f"needs {need / GIB:.1f} GiB at max_model_len {model.max_model_len}, more than "
+        f"{largest} x {gpu.vram_gb:g} GB x {defaults.gpu_memory_utilization:g} allows"
+    )
+    return Fit(model, gpu, False, 0, need / GIB, per_gpu_budget * largest / GIB, 0, reason)
+
+
+# ## The matrix and its names
+
+
+def gpu_app_name(gpu_key: str) -> str:
+    return f"vllm-{gpu_key}"
+
+
+def legacy_key(model_key: str, gpu_key: str) -> str:
+    return f"{model_key}-{gpu_key}"
+
+
+def legacy_app_name(model_key: str, gpu_key: str) -> str:
+    return f"vllm-{legacy_key(model_key, gpu_key)}"
+
+
+def endpoint_url_pattern(app_name: str) -> str:
+    """Modal names a web function's URL after the workspace, the app and the function."""
+    return f"https://<workspace>--{app_name}-serve.modal.run"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    defaults: Defaults
+    gpus: dict[str, GPU]
+    models: dict[str, Model]
+    path: Path
+
+    def gpu(self, key: str) -> GPU:
+        found = self.gpus.get(key.strip().lower())
+        if found is None:
+            raise UsageError(f"unknown GPU '{key}'; valid GPU keys: {', '.join(self.gpus)}")
+        return found
+
+    def resolve_model(self, name: str) -> Model:
+        """Full name, Hugging Face id or short key, in any letter case."""
+        wanted = name.strip().lower()
+        for model in self.models.values():
+            if wanted in (alias.lower() for alias in model.aliases):
+                return model
+        raise UsageError(f"unknown model '{name}'; valid models: {', '.join(self.models)}")
+
+    def fit(self, model: Model, gpu: GPU) -> Fit:
+        if model.gpus is not None and gpu.key not in model.gpus:
+            return Fit(model, gpu, False, 0, 0.0, 0.0, 0, f"{gpu.key} not in the model's gpus")
+        return fit_on_gpu(model, gpu, self.defaults)
+
+    def fits_on(self, gpu: GPU) -> list[Fit]:
+        """Every model's fit on one GPU type, in file order, fitting or not."""
+        return [self.fit(model, gpu) for model in self.models.values()]
+
+    def legacy_cells(self) -> list[Fit]:
+        """Every model x GPU pair that fits: one legacy app each."""
+        return [f for gpu in self.gpus.values() for f in self.fits_on(gpu) if f.fits]
+
+    def parse_legacy_key(self, key: str) -> Fit:
+        """`<model>-<gpu>` (e.g. gemma-3-12b-l40s) to its cell; the GPU is the known suffix."""
+        wanted = key.strip().lower()
+        for gpu in self.gpus.values():
+            suffix = f"-{gpu.key}"
+            if wanted.endswith(suffix) and wanted[: -len(suffix)] in self.models:
+                return self.fit(self.models[wanted[: -len(suffix)]], gpu)
+        examples = ", ".join(legacy_key(m, g) for m in list(self.models)[:1] for g in self.gpus)
+        raise UsageError(
+            f"unknown model-GPU key '{key}'; expected <model>-<gpu> with models "
+            f"{', '.join(self.models)} and GPUs {', '.join(self.gpus)} (e.g. {examples})"
+        )
+
+
+# ## Loading: YAML problems and schema problems become one line each
+
+
+def _unique_key_loader():
+    """PyYAML keeps the last of two equal keys; a duplicate model must be an error instead."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}'", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+_MESSAGES = {
+    "unexpected_keyword_argument": "unknown key (check its spelling)",
+    "missing": "required key is missing",
+    "dataclass_type": "expected a mapping",
+}
+
+
+def _schema_lines(where: str, error) -> list[str]:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = _MESSAGES.get(item["type"], item["msg"])
+        lines.append(f"{where}: {path}: {message}")
+    return lines
+
+
+def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
+    """What one field's type cannot say: references, collisions, consistency."""
+    problems = []
+    key_pattern = re.compile(r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    for section, keys in (("gpus", parsed.gpus), ("models", parsed.models)):
+        for key in keys:
+            if not key_pattern.match(key):
+                problems.append(f"{where}: {section}.{key}: keys are lower-case letters, "
+                                "digits, '.' and '-'")
+    owner: dict[str, str] = {}
+    for key, model in parsed.models.items():
+        at = f"{where}: models.{key}"
+        for gpu_key in model.gpus or ():
+            if gpu_key not in parsed.gpus:
+                problems.append(f"{at}.gpus: unknown GPU '{gpu_key}' "
+                                f"(defined: {', '.join(parsed.gpus)})")
+        if model.sliding_window and model.sliding_window.layers >= model.layers:
+            problems.append(f"{at}.sliding_window.layers: must be fewer than layers "
+                            f"({model.layers})")
+        if model.kv_heads > model.attention_heads:
+            problems.append(f"{at}.kv_heads: cannot exceed attention_heads "
+                            f"({model.attention_heads})")
+        for alias in dict.fromkeys(a.lower() for a in (key, model.name, model.huggingface_id)
+                                   if a):
+            if owner.get(alias, key) != key:
+                problems.append(f"{at}: name '{alias}' collides with model '{owner[alias]}' "
+                                "(names are matched without regard to case)")
+            owner.setdefault(alias, key)
+        for gpu_key in parsed.gpus:
+            base = key.removesuffix(f"-{gpu_key}")
+            if base != key and base in parsed.models:
+                problems.append(f"{at}: key reads as model '{base}' on GPU '{gpu_key}'; "
+                                "rename it so legacy keys stay unambiguous")
+    return problems
+
+
+def _validate(path: Path, text: str) -> Matrix:
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    where = str(path)
+    try:
+        raw = yaml.load(text, Loader=_unique_key_loader())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}: {line}{exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with defaults, gpus and models")
+    try:
+        parsed = TypeAdapter(MatrixFile).validate_python(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_schema_lines(where, exc))) from None
+    problems = _cross_check(where, parsed)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    gpus = {k: dataclasses.replace(g, key=k) for k, g in parsed.gpus.items()}
+    models = {
+        k: dataclasses.replace(m, key=k, name=m.name or m.huggingface_id)
+        for k, m in parsed.models.items()
+    }
+    return Matrix(parsed.defaults, gpus, models, path)
+
+
+def _cache_file(data: bytes) -> Path:
+    """Where a validated matrix for exactly these bytes and this schema is kept."""
+    digest = hashlib.sha256(Path(__file__).read_bytes() + b"\0" + data).hexdigest()[:24]
+    folder = os.environ.get("MODAL_VLLM_CACHE_DIR") or Path(__file__).with_name(".cache")
+    return Path(folder) / f"matrix-{digest}.pickle"
+
+
+def load(path: str | Path = DEFAULT_PATH) -> Matrix:
+    """Read and validate a matrix file; raise ConfigError with one line per problem.
+
+    A file already validated (same bytes, same schema) is read back from a
+    cache beside this module, so fast commands need neither yaml nor pydantic.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    cache = _cache_file(data)
+    try:
+        with cache.open("rb") as f:
+            return dataclasses.replace(pickle.load(f), path=path)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
+        pass  # not validated yet, or written by another version: validate again
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    matrix = _validate(path, text)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(matrix))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only checkout (e.g. inside a container) just validates each time
+    return matrix
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '15m', '2h' or plain seconds, to seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise UsageError(f"cannot read duration '{text}'; use e.g. 90s, 15m or 2h")
+    value = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+    return max(1, math.ceil(value))

@@ -1,0 +1,290 @@
+"""modal-vllm: deploy OpenAI-compatible vLLM endpoints to Modal, one per GPU type.
+
+The command line only: parse flags, call one function, print the result, map
+errors to exit codes. `--list`, `--dry-run` and `--help` never import modal.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import config
+
+EXAMPLES = """
+[bold]Examples[/bold]
+
+  uv run deploy.py --list                      the matrix: models x GPUs, fits, prices
+  uv run deploy.py --all --dry-run             what would be deployed, offline
+  uv run deploy.py --gpu h100                  deploy vllm-h100 (serves every model)
+  uv run deploy.py --test-gpu h100             conformance suite against it
+  export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1
+
+[bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml
+"""
+
+MATRIX = "Matrix"
+DEPLOY = "Deploy (GPU-based: one endpoint per GPU type)"
+LEGACY = "Legacy (one endpoint per model x GPU)"
+OUTPUT = "Output and configuration"
+
+cli = typer.Typer(
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _fail(exc: config.UserError) -> typer.Exit:
+    console = _console(stderr=True)
+    for line in str(exc).splitlines() or ["unknown error"]:
+        console.print(f"[bold red]Error:[/bold red] {line}", markup=True, highlight=False)
+    return typer.Exit(code=exc.exit_code)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# ## --list
+
+
+def matrix_data(matrix: config.Matrix) -> dict:
+    import plan
+
+    gpu_apps = plan.all_gpu_apps(matrix)
+    legacy = matrix.legacy_cells()
+    limit = config.STARTER_PLAN_ENDPOINT_LIMIT
+    return {
+        "config": str(matrix.path),
+        "gpus": {
+            g.key: {"modal_gpu": g.modal_gpu, "vram_gb": g.vram_gb, "usd_per_hour": g.usd_per_hour}
+            for g in matrix.gpus.values()
+        },
+        "models": {
+            m.key: {
+                "name": m.name,
+                "huggingface_id": m.huggingface_id,
+                "max_model_len": m.max_model_len,
+                "gated": m.gated,
+                "cells": {f.gpu.key: _cell_data(f) for f in
+                          (matrix.fit(m, g) for g in matrix.gpus.values())},
+            }
+            for m in matrix.models.values()
+        },
+        "apps": [
+            {"app": a.name, "url": a.url_pattern, "models": [p.model.key for p in a.pools]}
+            for a in gpu_apps
+        ],
+        "endpoints": {
+            "gpu_based": len(gpu_apps),
+            "legacy": len(legacy),
+            "starter_plan_limit": limit,
+        },
+    }
+
+
+def _cell_data(fit: config.Fit) -> dict:
+    if not fit.fits:
+        return {"fits": False, "reason": fit.reason}
+    return {
+        "fits": True,
+        "gpu": fit.gpu_string,
+        "gpu_count": fit.count,
+        "tensor_parallel_size": fit.count,
+        "kv_cache_tokens": fit.kv_tokens,
+        "need_gib": round(fit.need_gib, 1),
+        "budget_gib": round(fit.budget_gib, 1),
+        "usd_per_hour": round(fit.usd_per_hour, 2),
+        "legacy_app": config.legacy_app_name(fit.model.key, fit.gpu.key),
+    }
+
+
+def _tokens(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def show_matrix(matrix: config.Matrix) -> None:
+    from rich.table import Table
+
+    data = matrix_data(matrix)
+    console = _console()
+    table = Table(title=f"Models x GPUs ({matrix.path.name})", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    for gpu in matrix.gpus.values():
+        table.add_column(f"{gpu.key}\n{gpu.vram_gb:g} GB", justify="center")
+    for key, model in data["models"].items():
+        cells = []
+        for cell in model["cells"].values():
+            if cell["fits"]:
+                cells.append(f"{cell['gpu_count']}× ${cell['usd_per_hour']:.2f}/h\n"
+                             f"{_tokens(cell['kv_cache_tokens'])} tok")
+            else:
+                cells.append("[red]does not fit[/red]")
+        table.add_row(f"[bold]{key}[/bold]", *cells)
+    console.print(table)
+    console.print("Each cell: GPUs per replica (tensor parallel) and $/hour per running "
+                  "replica; tokens of KV cache that fit beside the weights.")
+    for key, model in data["models"].items():
+        for gpu_key, cell in model["cells"].items():
+            if not cell["fits"]:
+                console.print(f"[red]{key} on {gpu_key}:[/red] {cell['reason']}")
+
+    apps = Table(title="GPU-based apps (one web endpoint each)", title_justify="left")
+    apps.add_column("app", no_wrap=True)
+    apps.add_column("endpoint", no_wrap=True)
+    apps.add_column("models")
+    for app in data["apps"]:
+        apps.add_row(app["app"], app["url"], str(len(app["models"])))
+    console.print(apps)
+    ends = data["endpoints"]
+    limit = ends["starter_plan_limit"]
+    for label, count in (("GPU-based", ends["gpu_based"]), ("Legacy", ends["legacy"])):
+        verdict = ("[green]within[/green]" if count <= limit else "[red]exceeds[/red]")
+        console.print(f"{label}: {count} endpoints, {verdict} Modal's Starter limit of {limit}")
+    console.print("Legacy apps are named vllm-<model>-<gpu>, e.g. "
+                  f"{config.legacy_app_name(next(iter(matrix.models)), next(iter(matrix.gpus)))}")
+
+
+# ## --dry-run
+
+
+def plan_data(matrix: config.Matrix, apps) -> list[dict]:
+    import plan
+
+    defaults = matrix.defaults
+    return [
+        {
+            "app": app.name,
+            "kind": app.kind,
+            "endpoint": app.url_pattern,
+            "web_function": plan.WEB_FUNCTION,
+            "secrets": app.secrets,
+            "volumes": plan.VOLUMES,
+            "vllm_version": defaults.vllm_version,
+            "pools": [
+                {
+                    "model": p.model.key,
+                    "served_name": p.model.name,
+                    "gpu": p.fit.gpu_string,
+                    "tensor_parallel_size": p.fit.count,
+                    "command": p.argv,
+                    "secrets": p.secrets,
+                    "snapshot": p.snapshot,
+                    "scaledown_window_seconds": defaults.scaledown_window_seconds,
+                    "max_concurrent_inputs": defaults.max_concurrent_inputs,
+                    "max_replicas": defaults.max_replicas,
+                    "usd_per_hour_per_replica": round(p.fit.usd_per_hour, 2),
+                    "usd_per_idle_tail": round(p.idle_tail_usd(defaults), 2),
+                }
+                for p in app.pools
+            ],
+            "not_served": {f.model.key: f.reason for f in app.skipped},
+        }
+        for app in apps
+    ]
+
+
+def show_plan(matrix: config.Matrix, apps) -> None:
+    from rich.panel import Panel
+
+    console = _console()
+    minutes = matrix.defaults.scaledown_window_seconds / 60
+    for app in plan_data(matrix, apps):
+        lines = [
+            f"endpoint   {app['endpoint']}  (function '{app['web_function']}', the only one)",
+            f"secrets    {', '.join(app['secrets'])}",
+            "volumes    " + ", ".join(f"{name} at {at}" for at, name in app["volumes"].items()),
+            f"image      vllm=={app['vllm_version']}",
+        ]
+        for pool in app["pools"]:
+            lines += [
+                "",
+                f"[bold]{pool['model']}[/bold] ({pool['served_name']}) on {pool['gpu']}"
+                f"{'  GPU snapshot' if pool['snapshot'] else ''}",
+                f"  cost     ${pool['usd_per_hour_per_replica']:.2f}/h per running replica; "
+                f"idle it scales to zero after {minutes:g} min "
+                f"(each idle tail ≈ ${pool['usd_per_idle_tail']:.2f})",
+                f"  scaling  0 to {pool['max_replicas']} replicas, "
+                f"{pool['max_concurrent_inputs']} requests each",
+                f"  secrets  {', '.join(pool['secrets']) or 'none'}",
+                f"  command  {shlex.join(pool['command'])}",
+            ]
+        for model, reason in app["not_served"].items():
+            lines += ["", f"[red]{model} not served here:[/red] {reason}"]
+        console.print(Panel("\n".join(lines), title=f"[bold]{app['app']}[/bold] ({app['kind']})",
+                            title_align="left", expand=False))
+    console.print(f"Dry run: {len(apps)} app(s), nothing deployed. "
+                  "Without --dry-run this needs a Modal token (uv run modal token new).")
+
+
+# ## The command
+
+
+def _actions(**chosen) -> list[str]:
+    return [f"--{name.replace('_', '-')}" for name, value in chosen.items() if value]
+
+
+@cli.command(epilog=EXAMPLES, help="Deploy, test and operate vLLM endpoints on Modal.")
+def main(
+    list_: Annotated[bool, typer.Option(
+        "--list", help="Show the matrix: models x GPUs, fits, prices, endpoints.",
+        rich_help_panel=MATRIX)] = False,
+    gpu: Annotated[str | None, typer.Option(
+        "--gpu", metavar="KEY", help="Deploy the app for one GPU type (e.g. h100).",
+        rich_help_panel=DEPLOY)] = None,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Deploy every GPU app.", rich_help_panel=DEPLOY)] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --gpu, --all or --model: show what would be deployed; "
+        "offline, no Modal account needed.", rich_help_panel=DEPLOY)] = False,
+    model: Annotated[str | None, typer.Option(
+        "--model", metavar="MODEL-GPU", help="Deploy one legacy app (e.g. gemma-3-12b-l40s).",
+        rich_help_panel=LEGACY)] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print machine-readable JSON instead of tables.",
+        rich_help_panel=OUTPUT)] = False,
+    config_path: Annotated[Path, typer.Option(
+        "--config", metavar="PATH", help="Matrix file to read.", envvar="MODAL_VLLM_CONFIG",
+        rich_help_panel=OUTPUT)] = config.DEFAULT_PATH,
+) -> None:
+    actions = _actions(list=list_, gpu=gpu, all=all_, model=model)
+    if len(actions) != 1:
+        what = "choose one action" if not actions else f"choose one of {', '.join(actions)}"
+        raise typer.BadParameter(what, param_hint="action")
+    try:
+        matrix = config.load(config_path)
+        if list_:
+            if dry_run:
+                raise config.UsageError("--dry-run goes with --gpu, --all or --model")
+            return _print_json(matrix_data(matrix)) if as_json else show_matrix(matrix)
+        import plan
+
+        if gpu:
+            apps = [plan.gpu_app(matrix, gpu)]
+        elif all_:
+            apps = plan.all_gpu_apps(matrix)
+        else:
+            apps = [plan.legacy_app(matrix, model)]
+        if dry_run:
+            return _print_json(plan_data(matrix, apps)) if as_json else show_plan(matrix, apps)
+        raise config.UserError("deploying needs the cloud operations (not built yet); "
+                               "use --dry-run to see what would be deployed")
+    except config.UserError as exc:
+        raise _fail(exc) from None
+
+
+if __name__ == "__main__":
+    cli()
