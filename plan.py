@@ -61,9 +61,10 @@ class App:
         return list(dict.fromkeys(names))
 
 
-def pool_for(fit: config.Fit, defaults: config.Defaults) -> Pool:
+def pool_for(fit: config.Fit, defaults: config.Defaults, *, snapshots: bool = True) -> Pool:
     # GPU snapshots restore one GPU's memory; Modal does not snapshot multi-GPU replicas.
-    snapshot = fit.model.snapshot and fit.count == 1
+    # Legacy apps boot vLLM inside their web function, which has no snapshot hooks.
+    snapshot = snapshots and fit.model.snapshot and fit.count == 1
     secrets = [HF_SECRET] if fit.model.gated else []
     return Pool(fit, engine.engine_argv(fit, defaults, sleep_mode=snapshot), secrets, snapshot)
 
@@ -90,7 +91,7 @@ def legacy_app(matrix: config.Matrix, key: str) -> App:
         name=config.legacy_app_name(fit.model.key, fit.gpu.key),
         kind="legacy",
         gpu=fit.gpu,
-        pools=[pool_for(fit, matrix.defaults)],
+        pools=[pool_for(fit, matrix.defaults, snapshots=False)],
     )
 
 

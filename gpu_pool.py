@@ -1,0 +1,351 @@
+# # A model's GPU container pool on Modal, and how the router calls it
+#
+# Both Modal apps (vllm_gpu_server.py, one per GPU type; vllm_server.py, one
+# per model x GPU) are assembled from the parts here: the container images,
+# the cache volumes, the engine's life cycle inside a GPU container, and
+# `ModalBackend`, the gateway's backend that calls a pool across Modal.
+#
+# Everything is built by functions from a `plan.App`, not by decorators at
+# import time, so one process (deploy.py --all) can build all five apps.
+# Modal finds the pieces again inside the container because each app module
+# rebuilds its own app at import from the key baked into the image
+# (GPU_KEY / MODEL_KEY), and registers the classes under the same names.
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import modal
+
+import config
+import engine
+import plan
+
+MINUTES = 60  # seconds
+CONTAINER_CONFIG = "/root/models.yaml"  # the matrix, copied into every container
+VLLM_URL = f"http://{engine.HOST}:{engine.PORT}"
+ROUTER_CONCURRENCY = 1000  # the router only relays bytes; one CPU container holds many requests
+PROJECT_MODULES = ("config", "engine", "plan", "gateway", "gpu_pool")
+# The router image carries the gateway's own dependencies, at the versions locked here.
+GATEWAY_PACKAGES = ("httpx", "pyyaml", "pydantic", "annotated-types")
+HEALTH_TIMEOUT = 10  # seconds for sleep / wake calls to the local engine
+
+
+def load_matrix() -> config.Matrix:
+    """The matrix this container (or this deploy) was built from."""
+    return config.load(os.environ.get("MODAL_VLLM_CONFIG") or config.DEFAULT_PATH)
+
+
+# ## Container images
+#
+# vLLM is installed from PyPI at the version pinned in models.yaml; Modal
+# provides the CUDA driver. The project's modules and the matrix are added
+# last, so editing them does not rebuild the heavy layers.
+
+
+def _pinned(names) -> list[str]:
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
+
+
+def _with_project(image: modal.Image, matrix: config.Matrix, env: dict[str, str],
+                  modules: tuple[str, ...]) -> modal.Image:
+    return (
+        image.env({"MODAL_VLLM_CONFIG": CONTAINER_CONFIG, **env})
+        .add_local_file(matrix.path, CONTAINER_CONFIG)
+        .add_local_python_source(*PROJECT_MODULES, *modules)
+    )
+
+
+def vllm_image(matrix: config.Matrix, env: dict[str, str], modules: tuple[str, ...]) -> modal.Image:
+    image = (
+        modal.Image.debian_slim(python_version="3.12")
+        .uv_pip_install(f"vllm=={matrix.defaults.vllm_version}")
+        .env(engine.engine_env())  # HF_XET_HIGH_PERFORMANCE: faster weight downloads
+    )
+    return _with_project(image, matrix, env, modules)
+
+
+def router_image(matrix: config.Matrix, env: dict[str, str], modules: tuple[str, ...]) -> modal.Image:
+    image = modal.Image.debian_slim(python_version="3.12").uv_pip_install(
+        *_pinned(GATEWAY_PACKAGES)
+    )
+    return _with_project(image, matrix, env, modules)
+
+
+def volumes() -> dict[str, modal.Volume]:
+    """Weights download once per workspace; vLLM's compile artifacts are reused."""
+    return {at: modal.Volume.from_name(name, create_if_missing=True)
+            for at, name in plan.VOLUMES.items()}
+
+
+def secrets(names: list[str]) -> list[modal.Secret]:
+    return [modal.Secret.from_name(name) for name in names]
+
+
+# ## The engine inside a GPU container
+#
+# `@modal.enter` starts `vllm serve` on localhost and waits for it under a
+# deadline (engine.py); `@modal.exit` stops it. The router reaches it only
+# through the two methods below, for the two allowlisted paths.
+
+ALLOWED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def _error_body(status: int, message: str) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+class EnginePool:
+    """One model's vLLM engine. Subclassed per model with `model_key` / `gpu_key` set."""
+
+    model_key = ""
+    gpu_key = ""
+
+    def _boot(self, *, sleep_mode: bool) -> None:
+        matrix = load_matrix()
+        fit = matrix.fit(matrix.models[self.model_key], matrix.gpu(self.gpu_key))
+        self.model = fit.model
+        self.engine = engine.Engine(
+            engine.engine_argv(fit, matrix.defaults, sleep_mode=sleep_mode),
+            env=engine.engine_env(sleep_mode),
+        )
+        self.engine.start()
+        # Fail with vLLM's own log tail a minute before Modal's startup timeout would.
+        waited = self.engine.wait_ready(max(60, matrix.defaults.startup_timeout_seconds - MINUTES))
+        print(f"vLLM ready for {self.model.name} after {waited:.0f} s")
+
+    def _connect(self) -> None:
+        from gateway import HTTPBackend
+
+        self.backend = HTTPBackend({self.model_key: VLLM_URL})
+
+    @modal.enter()
+    def start(self) -> None:
+        self._boot(sleep_mode=False)
+        self._connect()
+
+    @modal.method()
+    async def request(self, path: str, body: dict) -> tuple[int, dict]:
+        from gateway import BackendError
+
+        if path not in ALLOWED_PATHS:  # the router never asks for more; refuse anyway
+            return 404, _error_body(404, "not found")
+        try:
+            return await self.backend.send(self.model, path, body)
+        except BackendError as exc:
+            await self._retire_if_dead()
+            return exc.status, _error_body(exc.status, exc.message)
+
+    @modal.method()
+    async def stream(self, path: str, body: dict):
+        """Yields the status first, then SSE bytes (200) or one error body (otherwise)."""
+        from gateway import BackendError
+
+        if path not in ALLOWED_PATHS:
+            yield 404
+            yield _error_body(404, "not found")
+            return
+        started = False
+        try:
+            async for chunk in self.backend.stream(self.model, path, body):
+                if not started:
+                    started = True
+                    yield 200
+                yield chunk
+        except BackendError as exc:
+            await self._retire_if_dead()
+            if started:  # the router turns this into an SSE error event
+                raise RuntimeError(exc.message) from None
+            yield exc.status
+            yield _error_body(exc.status, exc.message)
+
+    async def _retire_if_dead(self) -> None:
+        """A crashed engine never comes back: let Modal replace this container."""
+        if not self.engine.running():
+            print("vLLM exited; this container stops taking requests. Last log lines:\n"
+                  + self.engine.log_tail())
+            await modal.experimental.stop_fetching_inputs.aio()
+
+    @modal.exit()
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+class SnapshotEnginePool(EnginePool):
+    """GPU memory snapshot: boot once, put vLLM to sleep, snapshot; later cold starts restore.
+
+    Sleep mode's /sleep and /wake_up listen on localhost only and the gateway
+    never forwards them (its routes are an allowlist).
+    """
+
+    @modal.enter(snap=True)
+    def start(self) -> None:
+        import httpx
+
+        self._boot(sleep_mode=True)
+        httpx.post(f"{VLLM_URL}/sleep", params={"level": 1}, timeout=HEALTH_TIMEOUT * 6)
+
+    @modal.enter(snap=False)
+    def wake(self) -> None:
+        import httpx
+
+        httpx.post(f"{VLLM_URL}/wake_up", timeout=HEALTH_TIMEOUT * 6).raise_for_status()
+        self._connect()  # connections are opened after the restore, never snapshotted
+
+
+def pool_class_name(model_key: str) -> str:
+    return "Pool_" + "".join(c if c.isalnum() else "_" for c in model_key)
+
+
+def pool_class(pool: plan.Pool, gpu_key: str, module: str, base: type = EnginePool) -> type:
+    """A fresh subclass for one model, named so the container's re-import finds it."""
+    base = SnapshotEnginePool if pool.snapshot else base
+    name = pool_class_name(pool.model.key)
+    return type(name, (base,), {"__module__": module, "__qualname__": name,
+                                "model_key": pool.model.key, "gpu_key": gpu_key})
+
+
+def gpu_class_options(pool: plan.Pool, defaults: config.Defaults, image: modal.Image) -> dict:
+    """The `app.cls` arguments of one model's GPU pool, each answering one question."""
+    options = dict(
+        image=image,
+        gpu=pool.fit.gpu_string,  # which GPUs, and how many (the fit check decides)
+        volumes=volumes(),  # where weights and compile caches persist
+        secrets=secrets(pool.secrets),  # HF_TOKEN for gated models
+        scaledown_window=defaults.scaledown_window_seconds,  # how long to idle before stopping?
+        max_containers=defaults.max_replicas,  # how many replicas at most (a cost guard)?
+        startup_timeout=defaults.startup_timeout_seconds,  # how long may a cold start take?
+        timeout=defaults.request_timeout_seconds,  # how long may one request run?
+    )
+    if pool.snapshot:
+        options.update(enable_memory_snapshot=True,
+                       experimental_options={"enable_gpu_snapshot": True})
+    return options
+
+
+# ## The router's backend: a gateway Backend that calls a pool across Modal
+
+
+def _pool_failure(exc: BaseException):
+    """Map what a Modal call can raise to the gateway's 502 / 503 / 504."""
+    from gateway import BackendError
+
+    if isinstance(exc, engine.EngineError):
+        first = str(exc).splitlines()[0] if str(exc) else "engine failed"
+        return BackendError(503, f"model engine failed to start: {first}", retry_after=30)
+    if isinstance(exc, TimeoutError):  # modal.exception.FunctionTimeoutError is one
+        return BackendError(504, "model pool timed out")
+    return BackendError(502, f"model pool failed ({type(exc).__name__})")
+
+
+class ModalBackend:
+    """Calls each model's pool: a method call, or a generator call for streams."""
+
+    def __init__(self, pools: dict[str, modal.Cls]):
+        self._pools = pools
+        self._instances: dict[str, object] = {}
+
+    def _pool(self, model: config.Model):
+        if model.key not in self._instances:
+            self._instances[model.key] = self._pools[model.key]()
+        return self._instances[model.key]
+
+    async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
+        try:
+            status, payload = await self._pool(model).request.remote.aio(path, body)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP error
+            raise _pool_failure(exc) from exc
+        return status, payload
+
+    async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
+        from gateway import BackendError
+
+        try:
+            chunks = self._pool(model).stream.remote_gen.aio(path, body)
+            status = await anext(chunks)
+            if status != 200:
+                error = await anext(chunks)
+                raise BackendError(status, error["error"]["message"])
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _pool_failure(exc) from exc
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:  # noqa: BLE001 - the gateway ends the stream with an error event
+            raise BackendError(502, f"model pool failed mid-stream: {exc}") from exc
+
+
+# ## What each app module builds: kept here, not read back from Modal
+#
+# Modal 1.7 removes `App.registered_functions`; this record is what tests
+# and deploy.py inspect instead.
+
+
+@dataclass
+class Built:
+    app: modal.App
+    plan: plan.App
+    web: object  # the one web endpoint (a Function, or the legacy app's Cls)
+    pools: dict[str, modal.Cls]  # model key -> its GPU pool
+    image_packages: list[str]  # what pip installs in the GPU image
+    entrypoint: Callable | None = None
+
+
+def served_model(app_plan: plan.App, name: str) -> config.Model:
+    for pool in app_plan.pools:
+        if name.strip().lower() in (alias.lower() for alias in pool.model.aliases):
+            return pool.model
+    served = ", ".join(p.model.key for p in app_plan.pools)
+    raise config.UsageError(f"'{name}' is not served by {app_plan.name}; it serves {served}")
+
+
+def check_endpoint(built: Built, model: str, api_key: str, timeout: float) -> None:
+    """`modal run`'s smoke test: /health, then one short chat completion per model."""
+    import httpx
+
+    key = api_key or os.environ.get("VLLM_API_KEY", "")
+    models = [served_model(built.plan, model)] if model else [p.model for p in built.plan.pools]
+    failed = False
+    with httpx.Client(base_url=built.web.get_web_url(), timeout=timeout,
+                      follow_redirects=True) as client:  # Modal answers slow requests with 303
+        health = client.get("/health")
+        print(f"GET /health -> {health.status_code}")
+        failed |= health.status_code != 200
+        for m in models:
+            reply = client.post(
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": m.name, "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "Say hello."}]},
+            )
+            ok = reply.status_code == 200
+            text = reply.json()["choices"][0]["message"]["content"] if ok else reply.text[:200]
+            print(f"{m.key}: {reply.status_code} {text!r}")
+            failed |= not ok
+    if failed:
+        raise SystemExit(1)
+
+
+def app_or_exit(build_from_env: Callable[[], Built]) -> modal.App:
+    """For `modal deploy` and the container: a bad key is one line on stderr, not a traceback."""
+    try:
+        return build_from_env().app
+    except config.UserError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
+def container_key(variable: str, valid: list[str]) -> str:
+    """The key baked into the image (or given to `modal deploy`), checked."""
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        raise config.UsageError(f"{variable} is not set; valid keys: {', '.join(valid)} "
+                                f"(e.g. {variable}={valid[0]} uv run modal deploy ...)")
+    return value
