@@ -236,8 +236,9 @@ def _pool_failure(exc: BaseException):
     from gateway import BackendError
 
     if isinstance(exc, engine.EngineError):
-        first = str(exc).splitlines()[0] if str(exc) else "engine failed"
-        return BackendError(503, f"model engine failed to start: {first}", retry_after=30)
+        # The client gets the headline; vLLM's log tail stays in the container's logs.
+        headline = str(exc).split("; last log lines")[0].splitlines()[0]
+        return BackendError(503, f"model engine failed to start: {headline}", retry_after=30)
     if isinstance(exc, TimeoutError):  # modal.exception.FunctionTimeoutError is one
         return BackendError(504, "model pool timed out")
     return BackendError(502, f"model pool failed ({type(exc).__name__})")
