@@ -8,17 +8,15 @@ module imports no other project module, so every other one may import it.
 
 from __future__ import annotations
 
-import math
-import re
 import dataclasses
 import hashlib
+import math
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
-
-from annotated_types import Ge, Gt, Le
+from typing import TYPE_CHECKING, Annotated, Literal
 
 DEFAULT_PATH = Path(__file__).with_name("models.yaml")
 GIB = 1024**3
@@ -52,10 +50,25 @@ class ConfigError(UserError):
 #
 # Plain frozen dataclasses that pydantic validates: the --list path can then
 # load a cached, already-validated matrix without importing pydantic (~170 ms).
+# The constrained types below are named in (string) annotations and built only
+# when a file is validated: annotated_types pulls in typing_extensions (~30 ms).
 
-Positive = Annotated[float, Gt(0)]
-PositiveInt = Annotated[int, Gt(0)]
-Count = Annotated[int, Ge(0)]
+
+def _constrained_types() -> dict[str, object]:
+    from annotated_types import Ge, Gt, Le
+
+    return {
+        "Positive": Annotated[float, Gt(0)],
+        "PositiveInt": Annotated[int, Gt(0)],
+        "Count": Annotated[int, Ge(0)],
+        "NonNegative": Annotated[float, Ge(0)],
+        "Fraction": Annotated[float, Gt(0), Le(1)],
+    }
+
+
+if TYPE_CHECKING:
+    Positive, PositiveInt, Count, NonNegative, Fraction = _constrained_types().values()
+
 _STRICT = {"extra": "forbid"}
 
 
@@ -63,8 +76,8 @@ _STRICT = {"extra": "forbid"}
 class Defaults:
     __pydantic_config__ = _STRICT
     vllm_version: str
-    gpu_memory_utilization: Annotated[float, Gt(0), Le(1)] = 0.92
-    overhead_gib_per_gpu: Annotated[float, Ge(0)] = 3.0
+    gpu_memory_utilization: Fraction = 0.92
+    overhead_gib_per_gpu: NonNegative = 3.0
     scaledown_window_seconds: PositiveInt = 900
     max_concurrent_inputs: PositiveInt = 32
     max_replicas: PositiveInt = 4
@@ -183,24 +196,40 @@ def sliding_kv_bytes(model: Model) -> int:
 
 
 def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults) -> Fit:
+    """The smallest tensor-parallel size (1, 2, 4, 8) whose GPUs hold the model.
+
+    Per replica of `count` GPUs, with GB = 1e9 bytes:
+      budget = vram_gb x 1e9 x gpu_memory_utilization x count
+      need   = params_b x 1e9 x bytes per parameter (2 for bf16/fp16, 1 for fp8)
+             + sliding-window KV: 2 (K, V) x sliding layers x kv_heads x head_dim x 2 bytes
+               x min(window, max_model_len)  (one sequence; those layers keep only the window)
+             + overhead_gib_per_gpu x 2**30 x count
+             + full-attention KV: 2 x (layers - sliding layers) x kv_heads x head_dim x 2 bytes
+               x max_model_len
+    A size is tried only if it divides the attention heads (vLLM splits heads over GPUs).
+    kv_tokens = (budget - weights - sliding KV - overhead) // full-attention KV bytes per token.
+    """
     per_gpu_budget = gpu.vram_gb * 1e9 * defaults.gpu_memory_utilization
     fixed = model.weight_bytes + sliding_kv_bytes(model)
     per_token = kv_bytes_per_token(model)
+    sizes = [c for c in TENSOR_PARALLEL_SIZES if c <= gpu.max_count]
+    usable = [c for c in sizes if model.attention_heads % c == 0]
     need = 0.0
-    for count in TENSOR_PARALLEL_SIZES:
-        if count > gpu.max_count or model.attention_heads % count:
-            continue
+    for count in usable:
         budget = per_gpu_budget * count
         overhead = defaults.overhead_gib_per_gpu * GIB * count
         need = fixed + overhead + per_token * model.max_model_len
         if need <= budget:
             kv_tokens = int((budget - fixed - overhead) // per_token)
             return Fit(model, gpu, True, count, need / GIB, budget / GIB, kv_tokens)
-    largest = max(c for c in TENSOR_PARALLEL_SIZES if c <= gpu.max_count)
+    largest = usable[-1]  # 1 always divides
     reason = (
         f"needs {need / GIB:.1f} GiB at max_model_len {model.max_model_len}, more than "
         f"{largest} x {gpu.vram_gb:g} GB x {defaults.gpu_memory_utilization:g} allows"
     )
+    if skipped := [c for c in sizes if c not in usable]:
+        reason += (f" (tensor-parallel size {' or '.join(map(str, skipped))} does not divide "
+                   f"its {model.attention_heads} attention heads)")
     return Fit(model, gpu, False, 0, need / GIB, per_gpu_budget * largest / GIB, 0, reason)
 
 
@@ -275,23 +304,45 @@ class Matrix:
 # ## Loading: YAML problems and schema problems become one line each
 
 
-def _unique_key_loader():
-    """PyYAML keeps the last of two equal keys; a duplicate model must be an error instead."""
+def _duplicate_keys(where: str, root) -> list[str]:
+    """PyYAML keeps the last of two equal keys; a duplicate model must be an error instead.
+
+    Walks the composed node tree (before any value is built) so that every
+    duplicate is reported with its line and the path of the mapping holding it.
+    """
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key '{key}'", key_node.start_mark
-                    )
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+    problems: list[str] = []
+    seen_nodes: set[int] = set()  # aliases may share (or even nest) nodes
 
-    return UniqueKeyLoader
+    def walk(node, path: tuple[str, ...]) -> None:
+        if id(node) in seen_nodes:
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    walk(value_node, path)
+                    continue
+                identity = (key_node.tag, key_node.value)
+                mark = key_node.start_mark
+                if identity in first:
+                    problems.append(
+                        f"{where}: line {mark.line + 1}, column {mark.column + 1}: "
+                        f"{'.'.join(path) or '(top level)'}: duplicate key '{key_node.value}' "
+                        f"(first at line {first[identity]})"
+                    )
+                else:
+                    first[identity] = mark.line + 1
+                walk(value_node, (*path, key_node.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, (*path, str(index)))
+
+    if root is not None:
+        walk(root, ())
+    return problems
 
 
 _MESSAGES = {
@@ -305,7 +356,11 @@ def _schema_lines(where: str, error) -> list[str]:
     lines = []
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = _MESSAGES.get(item["type"], item["msg"])
+        message = _MESSAGES.get(item["type"])
+        if message is None:
+            message = item["msg"]
+            if isinstance(item.get("input"), (bool, int, float, str)):
+                message += f" (got {item['input']!r})"
         lines.append(f"{where}: {path}: {message}")
     return lines
 
@@ -313,8 +368,10 @@ def _schema_lines(where: str, error) -> list[str]:
 def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
     """What one field's type cannot say: references, collisions, consistency."""
     problems = []
-    key_pattern = re.compile(r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    key_pattern = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
     for section, keys in (("gpus", parsed.gpus), ("models", parsed.models)):
+        if not keys:
+            problems.append(f"{where}: {section}: define at least one entry")
         for key in keys:
             if not key_pattern.match(key):
                 problems.append(f"{where}: {section}.{key}: keys are lower-case letters, "
@@ -352,7 +409,10 @@ def _validate(path: Path, text: str) -> Matrix:
 
     where = str(path)
     try:
-        raw = yaml.load(text, Loader=_unique_key_loader())
+        duplicates = _duplicate_keys(where, yaml.compose(text, Loader=yaml.SafeLoader))
+        if duplicates:
+            raise ConfigError("\n".join(duplicates))
+        raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -361,6 +421,7 @@ def _validate(path: Path, text: str) -> Matrix:
         raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with defaults, gpus and models")
+    globals().update(_constrained_types())  # what the schema's annotations name
     try:
         parsed = TypeAdapter(MatrixFile).validate_python(raw)
     except ValidationError as exc:
@@ -383,6 +444,21 @@ def _cache_file(data: bytes) -> Path:
     return Path(folder) / f"matrix-{digest}.pickle"
 
 
+# What unpickling a truncated, corrupt or outdated file can raise.
+_CACHE_ERRORS = (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError,
+                 IndexError, KeyError, TypeError, ValueError)
+
+
+def _read_cache(cache: Path) -> Matrix | None:
+    """The cached matrix, or None when it is missing or unusable (then: validate again)."""
+    try:
+        with cache.open("rb") as f:
+            cached = pickle.load(f)
+    except _CACHE_ERRORS:
+        return None
+    return cached if isinstance(cached, Matrix) else None
+
+
 def load(path: str | Path = DEFAULT_PATH) -> Matrix:
     """Read and validate a matrix file; raise ConfigError with one line per problem.
 
@@ -395,11 +471,9 @@ def load(path: str | Path = DEFAULT_PATH) -> Matrix:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     cache = _cache_file(data)
-    try:
-        with cache.open("rb") as f:
-            return dataclasses.replace(pickle.load(f), path=path)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError):
-        pass  # not validated yet, or written by another version: validate again
+    cached = _read_cache(cache)
+    if cached is not None:
+        return dataclasses.replace(cached, path=path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -41,16 +41,81 @@ cli = typer.Typer(
 )
 
 
+# ## Startup speed: plain options without pydantic
+#
+# typer 0.29 coerces every option that is not a bool flag through a pydantic
+# TypeAdapter, and importing pydantic costs ~200 ms: more than all the rest of
+# `--list`. Options typed plainly (str, Path, int, float, bool, with no parser,
+# bounds or path checks) need none of it, so they are coerced here and anything
+# else still goes to typer. typer is pinned; if its internals move, this does
+# nothing and only speed is lost (tests/test_cli_matrix.py would notice).
+
+_TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off", ""}
+
+
+def _to_bool(value: object) -> bool:
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError(value)
+
+
+def _coerce_plain_options_without_pydantic() -> None:
+    try:
+        import typer.core as typer_core
+        from typer._coercion import RuntimeParam
+    except ImportError:
+        return
+    build = getattr(typer_core, "build_runtime_param", None)
+    if build is None or getattr(build, "plain_options", False):
+        return
+    converters = {str: str, Path: Path, int: int, float: float, bool: _to_bool}
+
+    class PlainParam(RuntimeParam):
+        def _coerce_value(self, value, param, ctx):
+            if type(value) is self.annotation:
+                return value
+            try:
+                return converters[self.annotation](value)
+            except (TypeError, ValueError):
+                raise typer.BadParameter(
+                    f"{value!r} is not a valid {self.annotation.__name__}", ctx=ctx, param=param
+                ) from None
+
+    def build_runtime_param(descriptor):
+        info = descriptor.parameter_info
+        plain = (
+            descriptor.annotation in converters
+            and descriptor.file_annotation is None
+            and info.parser is None and info.min is None and info.max is None
+            and not (info.exists or info.resolve_path or info.writable or info.allow_dash)
+            and info.path_type is None
+        )
+        if plain:
+            return PlainParam(parameter_info=info, annotation=descriptor.annotation)
+        return build(descriptor)
+
+    build_runtime_param.plain_options = True
+    typer_core.build_runtime_param = build_runtime_param
+
+
+_coerce_plain_options_without_pydantic()
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    # emoji=False: no ":name:" codes here, and their table costs ~15 ms to import.
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False)
 
 
 def _fail(exc: config.UserError) -> typer.Exit:
+    from rich.markup import escape
+
     console = _console(stderr=True)
     for line in str(exc).splitlines() or ["unknown error"]:
-        console.print(f"[bold red]Error:[/bold red] {line}", markup=True, highlight=False)
+        # One problem, one line (never wrapped); user text such as "[x]" is not markup.
+        console.print(f"[bold red]Error:[/bold red] {escape(line)}", soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
 
 
@@ -117,6 +182,7 @@ def _tokens(n: int) -> str:
 
 
 def show_matrix(matrix: config.Matrix) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     data = matrix_data(matrix)
@@ -140,7 +206,8 @@ def show_matrix(matrix: config.Matrix) -> None:
     for key, model in data["models"].items():
         for gpu_key, cell in model["cells"].items():
             if not cell["fits"]:
-                console.print(f"[red]{key} on {gpu_key}:[/red] {cell['reason']}")
+                console.print(f"[red]{key} on {gpu_key}:[/red] {escape(cell['reason'])}",
+                              soft_wrap=True)
 
     apps = Table(title="GPU-based apps (one web endpoint each)", title_justify="left")
     apps.add_column("app", no_wrap=True)
@@ -198,36 +265,39 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
 
 
 def show_plan(matrix: config.Matrix, apps) -> None:
-    from rich.panel import Panel
+    from rich.markup import escape
 
     console = _console()
     minutes = matrix.defaults.scaledown_window_seconds / 60
     for app in plan_data(matrix, apps):
         lines = [
-            f"endpoint   {app['endpoint']}  (function '{app['web_function']}', the only one)",
-            f"secrets    {', '.join(app['secrets'])}",
-            "volumes    " + ", ".join(f"{name} at {at}" for at, name in app["volumes"].items()),
-            f"image      vllm=={app['vllm_version']}",
+            f"[bold]{app['app']}[/bold] ({app['kind']} app)",
+            f"  endpoint   {app['endpoint']}  (function '{app['web_function']}', the only one)",
+            f"  secrets    {', '.join(app['secrets'])}",
+            "  volumes    " + ", ".join(f"{name} at {at}" for at, name in app["volumes"].items()),
+            f"  image      vllm=={escape(app['vllm_version'])}",
         ]
         for pool in app["pools"]:
             lines += [
-                "",
-                f"[bold]{pool['model']}[/bold] ({pool['served_name']}) on {pool['gpu']}"
-                f"{'  GPU snapshot' if pool['snapshot'] else ''}",
-                f"  cost     ${pool['usd_per_hour_per_replica']:.2f}/h per running replica; "
-                f"idle it scales to zero after {minutes:g} min "
-                f"(each idle tail ≈ ${pool['usd_per_idle_tail']:.2f})",
-                f"  scaling  0 to {pool['max_replicas']} replicas, "
-                f"{pool['max_concurrent_inputs']} requests each",
-                f"  secrets  {', '.join(pool['secrets']) or 'none'}",
-                f"  command  {shlex.join(pool['command'])}",
+                (f"  [bold]{pool['model']}[/bold] ({escape(pool['served_name'])}) on "
+                 f"{pool['gpu']}{'  GPU snapshot' if pool['snapshot'] else ''}"),
+                (f"    cost     ${pool['usd_per_hour_per_replica']:.2f}/h per running replica; "
+                 f"idle it scales to zero after {minutes:g} min "
+                 f"(each idle tail ≈ ${pool['usd_per_idle_tail']:.2f})"),
+                (f"    scaling  0 to {pool['max_replicas']} replicas, "
+                 f"{pool['max_concurrent_inputs']} requests each"),
+                f"    secrets  {', '.join(pool['secrets']) or 'none'}",
+                # One line however long, so that it can be copied and run as it is.
+                f"    command  {escape(shlex.join(pool['command']))}",
             ]
         for model, reason in app["not_served"].items():
-            lines += ["", f"[red]{model} not served here:[/red] {reason}"]
-        console.print(Panel("\n".join(lines), title=f"[bold]{app['app']}[/bold] ({app['kind']})",
-                            title_align="left", expand=False))
+            lines.append(f"  [red]{model} not served here:[/red] {escape(reason)}")
+        for line in lines:
+            console.print(line, soft_wrap=True)
+        console.print()
     console.print(f"Dry run: {len(apps)} app(s), nothing deployed. "
-                  "Without --dry-run this needs a Modal token (uv run modal token new).")
+                  "Without --dry-run this needs a Modal token (uv run modal token new).",
+                  soft_wrap=True)
 
 
 # ## The command
@@ -262,7 +332,8 @@ def main(
 ) -> None:
     actions = _actions(list=list_, gpu=gpu, all=all_, model=model)
     if len(actions) != 1:
-        what = "choose one action" if not actions else f"choose one of {', '.join(actions)}"
+        what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU"
+                if not actions else f"choose one of {', '.join(actions)}")
         raise typer.BadParameter(what, param_hint="action")
     try:
         matrix = config.load(config_path)
