@@ -1,0 +1,593 @@
+"""config.py: every way a matrix file can be wrong (one exact line per problem), name
+resolution, derived names, the validated-matrix cache, and the fit check over the
+spec's whole matrix against figures worked out by hand below."""
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import config
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+# A small valid matrix; each error case below changes one thing in it.
+BASE = textwrap.dedent("""\
+    defaults:
+      vllm_version: "0.33.0"
+    gpus:
+      l40s: {modal_gpu: L40S, vram_gb: 48, usd_per_hour: 1.95}
+      h100: {modal_gpu: H100, vram_gb: 80, usd_per_hour: 3.95}
+    models:
+      tiny:
+        name: org/Tiny-IT
+        huggingface_id: org/tiny-it
+        params_b: 1
+        layers: 4
+        attention_heads: 8
+        kv_heads: 2
+        head_dim: 64
+        max_model_len: 4096
+    """)
+
+TINY_EXTRA = textwrap.indent(textwrap.dedent("""\
+        huggingface_id: org/other
+        params_b: 1
+        layers: 4
+        attention_heads: 8
+        kv_heads: 2
+        head_dim: 64
+        max_model_len: 4096
+    """), "    ")  # the rest of a model entry, under its key
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "models.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert caught.value.exit_code == 3
+    return str(caught.value).splitlines()
+
+
+def test_base_matrix_is_valid(tmp_path):
+    matrix = config.load(write(tmp_path, BASE))
+    assert list(matrix.gpus) == ["l40s", "h100"]
+    assert matrix.models["tiny"].name == "org/Tiny-IT"
+
+
+# ## Every error path, with its exact message ({f} is the file's path)
+
+CASES = [
+    (
+        "malformed YAML: unclosed flow mapping",
+        BASE.replace("l40s: {modal_gpu: L40S,", "l40s: {modal_gpu: L40S"),
+        ["{f}: line 4, column 33: expected ',' or '}', but got ':'"],
+    ),
+    (
+        "malformed YAML: a tab as indentation",
+        BASE.replace("  vllm_version", "\tvllm_version"),
+        ["{f}: line 2, column 1: found character '\\t' that cannot start any token"],
+    ),
+    (
+        "unknown key at the top level (typo for models)",
+        BASE.replace("models:", "modles:"),
+        ["{f}: models: required key is missing",
+         "{f}: modles: unknown key (check its spelling)"],
+    ),
+    (
+        "unknown key in defaults",
+        BASE.replace('vllm_version: "0.33.0"', 'vllm_version: "0.33.0"\n  scaledown: 60'),
+        ["{f}: defaults.scaledown: unknown key (check its spelling)"],
+    ),
+    (
+        "unknown key in a GPU",
+        BASE.replace("vram_gb: 48", "vram: 48"),
+        ["{f}: gpus.l40s.vram_gb: required key is missing",
+         "{f}: gpus.l40s.vram: unknown key (check its spelling)"],
+    ),
+    (
+        "unknown key in a model",
+        BASE.replace("max_model_len: 4096", "max_model_len: 4096\n    max_model_length: 8192"),
+        ["{f}: models.tiny.max_model_length: unknown key (check its spelling)"],
+    ),
+    (
+        "unknown GPU in a model's gpus",
+        BASE + "    gpus: [h100, h999]\n",
+        ["{f}: models.tiny.gpus: unknown GPU 'h999' (defined: l40s, h100)"],
+    ),
+    (
+        "duplicate model key",
+        BASE + "  tiny:\n" + TINY_EXTRA,
+        ["{f}: line 16, column 3: models: duplicate key 'tiny' (first at line 7)"],
+    ),
+    (
+        "duplicate key inside a GPU",
+        BASE.replace("vram_gb: 80,", "vram_gb: 80, vram_gb: 81,"),
+        ["{f}: line 5, column 40: gpus.h100: duplicate key 'vram_gb' (first at line 5)"],
+    ),
+    (
+        "names that collide without regard to case",
+        BASE + "  other:\n    name: ORG/tiny-it\n" + TINY_EXTRA,
+        [("{f}: models.other: name 'org/tiny-it' collides with model 'tiny' "
+         "(names are matched without regard to case)")],
+    ),
+    (
+        "a model's name equal to another model's key",
+        BASE + "  other:\n    name: TINY\n" + TINY_EXTRA,
+        [("{f}: models.other: name 'tiny' collides with model 'tiny' "
+         "(names are matched without regard to case)")],
+    ),
+    (
+        "zero VRAM",
+        BASE.replace("vram_gb: 48", "vram_gb: 0"),
+        ["{f}: gpus.l40s.vram_gb: Input should be greater than 0 (got 0)"],
+    ),
+    (
+        "negative price",
+        BASE.replace("usd_per_hour: 3.95", "usd_per_hour: -3.95"),
+        ["{f}: gpus.h100.usd_per_hour: Input should be greater than 0 (got -3.95)"],
+    ),
+    (
+        "zero parameters and zero layers",
+        BASE.replace("params_b: 1", "params_b: 0").replace("layers: 4", "layers: 0"),
+        ["{f}: models.tiny.params_b: Input should be greater than 0 (got 0)",
+         "{f}: models.tiny.layers: Input should be greater than 0 (got 0)"],
+    ),
+    (
+        "a size that is not a number",
+        BASE.replace("vram_gb: 48", "vram_gb: lots"),
+        [("{f}: gpus.l40s.vram_gb: Input should be a valid number, "
+         "unable to parse string as a number (got 'lots')")],
+    ),
+    (
+        "gpu_memory_utilization above 1",
+        BASE.replace('vllm_version: "0.33.0"',
+                     'vllm_version: "0.33.0"\n  gpu_memory_utilization: 1.5'),
+        [("{f}: defaults.gpu_memory_utilization: Input should be less than or equal to 1 "
+         "(got 1.5)")],
+    ),
+    (
+        "a GPU count vLLM cannot split over",
+        BASE.replace("usd_per_hour: 1.95}", "usd_per_hour: 1.95, max_count: 3}"),
+        ["{f}: gpus.l40s.max_count: Input should be 1, 2, 4 or 8 (got 3)"],
+    ),
+    (
+        "a dtype vLLM does not take",
+        BASE.replace("max_model_len: 4096", "max_model_len: 4096\n    dtype: bf16"),
+        ["{f}: models.tiny.dtype: Input should be 'bfloat16' or 'float16' (got 'bf16')"],
+    ),
+    (
+        "missing required key in a model",
+        BASE.replace("    huggingface_id: org/tiny-it\n", ""),
+        ["{f}: models.tiny.huggingface_id: required key is missing"],
+    ),
+    (
+        "missing defaults section",
+        BASE.replace('defaults:\n  vllm_version: "0.33.0"\n', ""),
+        ["{f}: defaults: required key is missing"],
+    ),
+    (
+        "a model that is not a mapping",
+        BASE + "  broken: [1, 2]\n",
+        ["{f}: models.broken: expected a mapping"],
+    ),
+    (
+        "no GPUs and no models",
+        'defaults: {vllm_version: "0.33.0"}\ngpus: {}\nmodels: {}\n',
+        ["{f}: gpus: define at least one entry", "{f}: models: define at least one entry"],
+    ),
+    (
+        "a key with capitals",
+        BASE.replace("  tiny:", "  Tiny:"),
+        ["{f}: models.Tiny: keys are lower-case letters, digits, '.' and '-'"],
+    ),
+    (
+        "legacy-key ambiguity: a model key that reads as <model>-<gpu>",
+        BASE + "  tiny-h100:\n" + TINY_EXTRA,
+        [("{f}: models.tiny-h100: key reads as model 'tiny' on GPU 'h100'; "
+         "rename it so legacy keys stay unambiguous")],
+    ),
+    (
+        "more sliding-window layers than layers, more KV heads than heads",
+        BASE.replace("kv_heads: 2", "kv_heads: 16\n    sliding_window: {layers: 4, window: 512}"),
+        ["{f}: models.tiny.sliding_window.layers: must be fewer than layers (4)",
+         "{f}: models.tiny.kv_heads: cannot exceed attention_heads (8)"],
+    ),
+    (
+        "a document that is a list",
+        "- l40s\n- h100\n",
+        ["{f}: expected a mapping with defaults, gpus and models"],
+    ),
+    (
+        "an empty file",
+        "",
+        ["{f}: expected a mapping with defaults, gpus and models"],
+    ),
+    (
+        "not UTF-8",
+        b"defaults: {vllm_version: \xff}\n",
+        ["{f}: not UTF-8 text"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_config_error_is_one_exact_line_per_problem(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    assert errors_of(path) == [line.replace("{f}", str(path)) for line in expected]
+
+
+def test_several_problems_in_one_file_give_several_lines(tmp_path):
+    text = (BASE.replace("vram_gb: 48", "vram_gb: -1")
+            .replace("usd_per_hour: 3.95", "usd_per_hour: 0")
+            .replace("head_dim: 64", "head_dim: 64\n    colour: blue"))
+    path = write(tmp_path, text)
+    assert errors_of(path) == [
+        f"{path}: gpus.l40s.vram_gb: Input should be greater than 0 (got -1)",
+        f"{path}: gpus.h100.usd_per_hour: Input should be greater than 0 (got 0)",
+        f"{path}: models.tiny.colour: unknown key (check its spelling)",
+    ]
+
+
+def test_several_duplicates_are_all_reported(tmp_path):
+    text = BASE + "  tiny:\n" + TINY_EXTRA + "gpus: {}\n"
+    path = write(tmp_path, text)
+    assert errors_of(path) == [  # in the order of the file
+        f"{path}: line 16, column 3: models: duplicate key 'tiny' (first at line 7)",
+        f"{path}: line 24, column 1: (top level): duplicate key 'gpus' (first at line 3)",
+    ]
+
+
+def test_unhashable_key_is_an_error_not_a_crash(tmp_path):
+    path = write(tmp_path, "{[1, 2]: x}\n")
+    assert errors_of(path) == [f"{path}: line 1, column 2: found unhashable key"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_unreadable_file(tmp_path, kind):
+    path = tmp_path / "nowhere.yaml"
+    reason = "No such file or directory"
+    if kind == "directory":
+        path.mkdir()
+        reason = "Is a directory"
+    assert errors_of(path) == [f"{path}: cannot read: {reason}"]
+
+
+def test_the_repository_matrix_is_valid():
+    matrix = config.load()
+    assert list(matrix.gpus) == ["l40s", "a100", "h100", "h200", "b200"]
+    assert list(matrix.models) == ["gemma-3-12b", "gemma-3-27b", "qwen3-vl-30b"]
+
+
+# ## Names: lookup in any case, derived app names
+
+
+@pytest.mark.parametrize("name", [
+    "gemma-3-27b", "GEMMA-3-27B", "google/gemma-3-27b-it", "Google/Gemma-3-27B-IT",
+    "  gemma-3-27b ",
+])
+def test_model_lookup_by_key_name_or_hf_id_in_any_case(name):
+    assert config.load().resolve_model(name).key == "gemma-3-27b"
+
+
+def test_model_lookup_of_qwen_by_its_mixed_case_name():
+    matrix = config.load()
+    assert matrix.resolve_model("qwen/qwen3-vl-30b-a3b-instruct").key == "qwen3-vl-30b"
+    assert matrix.resolve_model("Qwen/Qwen3-VL-30B-A3B-Instruct").key == "qwen3-vl-30b"
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(config.UsageError) as caught:
+        config.load().resolve_model("llama-3")
+    assert str(caught.value) == (
+        "unknown model 'llama-3'; valid models: gemma-3-12b, gemma-3-27b, qwen3-vl-30b"
+    )
+    assert caught.value.exit_code == 2
+
+
+def test_unknown_gpu_lists_the_valid_ones():
+    matrix = config.load()
+    assert matrix.gpu("H100").modal_gpu == "H100"
+    with pytest.raises(config.UsageError) as caught:
+        matrix.gpu("a10g")
+    assert str(caught.value) == "unknown GPU 'a10g'; valid GPU keys: l40s, a100, h100, h200, b200"
+
+
+def test_derived_names():
+    assert config.gpu_app_name("h100") == "vllm-h100"
+    assert config.legacy_key("gemma-3-12b", "l40s") == "gemma-3-12b-l40s"
+    assert config.legacy_app_name("gemma-3-12b", "l40s") == "vllm-gemma-3-12b-l40s"
+    assert config.endpoint_url_pattern("vllm-h100") == (
+        "https://<workspace>--vllm-h100-serve.modal.run"
+    )
+
+
+def test_legacy_key_parses_to_its_cell_in_any_case():
+    fit = config.load().parse_legacy_key("Qwen3-VL-30B-L40S")
+    assert (fit.model.key, fit.gpu.key, fit.gpu_string) == ("qwen3-vl-30b", "l40s", "L40S:2")
+
+
+def test_unknown_legacy_key_names_the_models_and_gpus():
+    with pytest.raises(config.UsageError) as caught:
+        config.load().parse_legacy_key("llama-3-h100")
+    assert str(caught.value) == (
+        "unknown model-GPU key 'llama-3-h100'; expected <model>-<gpu> with models "
+        "gemma-3-12b, gemma-3-27b, qwen3-vl-30b and GPUs l40s, a100, h100, h200, b200 "
+        "(e.g. gemma-3-12b-l40s, gemma-3-12b-a100, gemma-3-12b-h100, gemma-3-12b-h200, "
+        "gemma-3-12b-b200)"
+    )
+
+
+# ## The validated-matrix cache
+
+
+def _imports_after_load(path: Path, cache_dir: Path) -> list[str]:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import config; config.load(sys.argv[2]); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'yaml', 'pydantic', 'pydantic_core', 'annotated_types'}))"
+    )
+    env = {**os.environ, "MODAL_VLLM_CACHE_DIR": str(cache_dir)}
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(path)], env=env,
+                         capture_output=True, text=True, check=True, timeout=60)
+    return eval(out.stdout)  # a printed list of names
+
+
+def test_second_load_reads_the_cache_without_yaml_or_pydantic(tmp_path):
+    path = write(tmp_path, BASE)
+    cache_dir = tmp_path / "cache"
+    first = _imports_after_load(path, cache_dir)
+    assert first == ["annotated_types", "pydantic", "pydantic_core", "yaml"]
+    assert len(list(cache_dir.glob("matrix-*.pickle"))) == 1
+    assert _imports_after_load(path, cache_dir) == []
+
+
+def test_an_edited_file_is_validated_again(tmp_path):
+    path = write(tmp_path, BASE)
+    assert config.load(path).gpus["l40s"].vram_gb == 48
+    path.write_text(BASE.replace("vram_gb: 48", "vram_gb: 46"))
+    assert config.load(path).gpus["l40s"].vram_gb == 46
+    path.write_text(BASE.replace("vram_gb: 48", "vram_gb: -46"))
+    assert errors_of(path) == [
+        f"{path}: gpus.l40s.vram_gb: Input should be greater than 0 (got -46)"
+    ]
+
+
+def test_the_cache_keeps_the_path_it_was_loaded_from(tmp_path):
+    first, second = write(tmp_path, BASE, "a.yaml"), write(tmp_path, BASE, "b.yaml")
+    assert config.load(first).path == first
+    assert config.load(second).path == second  # same bytes: read from the cache
+
+
+@pytest.mark.parametrize("junk", [b"", b"not a pickle", pickle.dumps({"gpus": {}}),
+                                  b"\x80\x05\x95garbage", pickle.dumps(config.Defaults)[:-3]])
+def test_a_corrupt_cache_file_is_ignored(tmp_path, junk):
+    path = write(tmp_path, BASE)
+    config.load(path)
+    (cache,) = Path(os.environ["MODAL_VLLM_CACHE_DIR"]).glob("matrix-*.pickle")
+    cache.write_bytes(junk)
+    assert list(config.load(path).models) == ["tiny"]
+    assert isinstance(pickle.loads(cache.read_bytes()), config.Matrix)  # rewritten
+
+
+def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MODAL_VLLM_CACHE_DIR", str(blocker / "cache"))  # under a file
+    assert list(config.load(write(tmp_path, BASE)).models) == ["tiny"]
+
+
+# ## Fit check over the spec's matrix, worked out by hand
+#
+# Formula (config.fit_on_gpu): with GB = 1e9 bytes, gpu_memory_utilization 0.92 and
+# 3 GiB of overhead per GPU, `count` GPUs fit when
+#   weights + sliding-window KV of one sequence + 3 GiB x count + full-attention KV x 32768
+#     <= VRAM x 0.92 x count,
+# and the KV headroom in tokens is
+#   (VRAM x 0.92 x count - weights - sliding KV - 3 GiB x count) // full KV bytes per token.
+# Budgets per GPU: L40S 48e9 x 0.92 = 44.16e9; A100/H100 80e9 x 0.92 = 73.6e9;
+# H200 141e9 x 0.92 = 129.72e9; B200 192e9 x 0.92 = 176.64e9 (integers below: exact).
+BUDGET = {"l40s": 4416 * 10**7, "a100": 7360 * 10**7, "h100": 7360 * 10**7,
+          "h200": 12972 * 10**7, "b200": 17664 * 10**7}
+OVERHEAD = 3 * GIB  # 3,221,225,472 bytes per GPU
+
+# gemma-3-12b: 12.19 B params x 2 bytes (bf16) = 24.38e9 bytes of weights.
+# 40 sliding layers keep 1024 tokens: 2 (K,V) x 40 x 8 kv heads x 256 dim x 2 bytes x 1024
+#   = 335,544,320 bytes. 8 global layers: 2 x 8 x 8 x 256 x 2 = 65,536 bytes per token,
+#   x 32768 = 2,147,483,648. One GPU needs 24.38e9 + 0.34e9 + 3.22e9 + 2.15e9 = 30.08e9,
+#   under even the L40S's 44.16e9: one GPU everywhere.
+G12_FIXED = 1219 * 10**7 * 2 + 2 * 40 * 8 * 256 * 2 * 1024
+G12_PER_TOKEN = 2 * 8 * 8 * 256 * 2
+# gemma-3-27b: 27.43e9 x 2 = 54.86e9 of weights: more than one L40S's 44.16e9, so 2 GPUs
+#   (32 heads divide by 2): need 54.86e9 + 436,207,616 (2 x 52 x 16 x 128 x 2 x 1024)
+#   + 2 x 3 GiB + 81,920 (2 x 10 x 16 x 128 x 2) x 32768 = 64.42e9 <= 88.32e9.
+#   On 80 GB: 54.86e9 + 0.44e9 + 3.22e9 + 2.68e9 = 61.20e9 <= 73.6e9: one GPU.
+G27_FIXED = 2743 * 10**7 * 2 + 2 * 52 * 16 * 128 * 2 * 1024
+G27_PER_TOKEN = 2 * 10 * 16 * 128 * 2
+# qwen3-vl-30b: 31.07e9 x 2 = 62.14e9 of weights, no sliding window; KV per token
+#   2 x 48 layers x 4 kv heads x 128 x 2 = 98,304 bytes, x 32768 = 3,221,225,472.
+#   L40S: 2 GPUs need 62.14e9 + 6.44e9 + 3.22e9 = 71.80e9 <= 88.32e9.
+#   80 GB: 62.14e9 + 3.22e9 + 3.22e9 = 68.58e9 <= 73.6e9: one GPU.
+QWEN_FIXED = 3107 * 10**7 * 2
+QWEN_PER_TOKEN = 2 * 48 * 4 * 128 * 2
+
+
+def headroom(gpu: str, count: int, fixed: int, per_token: int) -> int:
+    return (BUDGET[gpu] * count - fixed - OVERHEAD * count) // per_token
+
+
+SPEC_FITS = [
+    # (model, gpu, GPUs per replica, Modal GPU string, KV tokens)
+    ("gemma-3-12b", "l40s", 1, "L40S", headroom("l40s", 1, G12_FIXED, G12_PER_TOKEN)),
+    ("gemma-3-12b", "a100", 1, "A100-80GB", headroom("a100", 1, G12_FIXED, G12_PER_TOKEN)),
+    ("gemma-3-12b", "h100", 1, "H100", headroom("h100", 1, G12_FIXED, G12_PER_TOKEN)),
+    ("gemma-3-12b", "h200", 1, "H200", headroom("h200", 1, G12_FIXED, G12_PER_TOKEN)),
+    ("gemma-3-12b", "b200", 1, "B200", headroom("b200", 1, G12_FIXED, G12_PER_TOKEN)),
+    ("gemma-3-27b", "l40s", 2, "L40S:2", headroom("l40s", 2, G27_FIXED, G27_PER_TOKEN)),
+    ("gemma-3-27b", "a100", 1, "A100-80GB", headroom("a100", 1, G27_FIXED, G27_PER_TOKEN)),
+    ("gemma-3-27b", "h100", 1, "H100", headroom("h100", 1, G27_FIXED, G27_PER_TOKEN)),
+    ("gemma-3-27b", "h200", 1, "H200", headroom("h200", 1, G27_FIXED, G27_PER_TOKEN)),
+    ("gemma-3-27b", "b200", 1, "B200", headroom("b200", 1, G27_FIXED, G27_PER_TOKEN)),
+    ("qwen3-vl-30b", "l40s", 2, "L40S:2", headroom("l40s", 2, QWEN_FIXED, QWEN_PER_TOKEN)),
+    ("qwen3-vl-30b", "a100", 1, "A100-80GB", headroom("a100", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
+    ("qwen3-vl-30b", "h100", 1, "H100", headroom("h100", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
+    ("qwen3-vl-30b", "h200", 1, "H200", headroom("h200", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
+    ("qwen3-vl-30b", "b200", 1, "B200", headroom("b200", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
+]
+
+
+def test_hand_figures_as_plain_numbers():
+    # The expressions above, evaluated once by hand as a check on the check.
+    assert [row[4] for row in SPEC_FITS] == [
+        247_546, 696_765, 696_765, 1_553_088, 2_269_031,
+        324_479, 184_113, 184_113, 869_171, 1_441_925,
+        200_780, 83_809, 83_809, 654_691, 1_131_986,
+    ]
+
+
+@pytest.mark.parametrize(("model", "gpu", "count", "gpu_string", "kv_tokens"), SPEC_FITS,
+                         ids=[f"{m}-{g}" for m, g, *_ in SPEC_FITS])
+def test_fit_of_every_cell_of_the_spec_matrix(model, gpu, count, gpu_string, kv_tokens):
+    matrix = config.load()
+    fit = matrix.fit(matrix.models[model], matrix.gpus[gpu])
+    assert (fit.fits, fit.count, fit.gpu_string, fit.kv_tokens, fit.reason) == (
+        True, count, gpu_string, kv_tokens, "")
+    assert fit.usd_per_hour == pytest.approx(matrix.gpus[gpu].usd_per_hour * count)
+
+
+def test_the_spec_matrix_has_15_legacy_cells():
+    assert len(config.load().legacy_cells()) == 15
+
+
+def test_gemma_27b_on_one_l40s_would_not_fit():
+    # 54.86e9 of weights alone exceed one L40S's 44.16e9 budget.
+    assert G27_FIXED > BUDGET["l40s"]
+
+
+# ## Models that fit nowhere, or whose heads rule out a tensor-parallel size
+
+BIG_MODELS = BASE + textwrap.indent(textwrap.dedent("""\
+      huge:
+        huggingface_id: org/huge
+        params_b: 1000
+        layers: 10
+        attention_heads: 8
+        kv_heads: 8
+        head_dim: 128
+        max_model_len: 4096
+      six-heads:
+        huggingface_id: org/six-heads
+        params_b: 30
+        layers: 10
+        attention_heads: 6
+        kv_heads: 2
+        head_dim: 128
+        max_model_len: 4096
+      twelve-heads:
+        huggingface_id: org/twelve-heads
+        params_b: 60
+        layers: 10
+        attention_heads: 12
+        kv_heads: 4
+        head_dim: 128
+        max_model_len: 4096
+      h100-only:
+        huggingface_id: org/h100-only
+        params_b: 1
+        layers: 4
+        attention_heads: 8
+        kv_heads: 2
+        head_dim: 64
+        max_model_len: 4096
+        gpus: [h100]
+    """), "  ")
+
+
+@pytest.fixture
+def big(tmp_path):
+    return config.load(write(tmp_path, BIG_MODELS))
+
+
+def test_a_model_too_big_for_8_gpus_is_marked_with_its_reason(big):
+    fit = big.fit(big.models["huge"], big.gpus["h100"])
+    # 1000e9 x 2 bytes + 8 x 3 GiB + 2 x 10 x 8 x 128 x 2 bytes x 4096 tokens, in GiB:
+    need_gib = (1000 * 10**9 * 2 + 8 * OVERHEAD + 2 * 10 * 8 * 128 * 2 * 4096) / GIB
+    assert f"{need_gib:.1f}" == "1886.8"
+    assert (fit.fits, fit.count, fit.gpu_string, fit.kv_tokens) == (False, 0, "", 0)
+    assert fit.reason == ("needs 1886.8 GiB at max_model_len 4096, "
+                          "more than 8 x 80 GB x 0.92 allows")
+
+
+def test_a_model_that_fits_nowhere_is_never_deployed(big):
+    import plan
+
+    cells = {(f.model.key, f.gpu.key) for f in big.legacy_cells()}
+    assert not any(model == "huge" for model, _ in cells)
+    for app in plan.all_gpu_apps(big):
+        assert "huge" not in [p.model.key for p in app.pools]
+        assert "huge" in [f.model.key for f in app.skipped]
+    with pytest.raises(config.UsageError) as caught:
+        plan.legacy_app(big, "huge-l40s")
+    assert str(caught.value) == ("huge-l40s cannot be deployed: needs 1886.8 GiB at "
+                                 "max_model_len 4096, more than 8 x 48 GB x 0.92 allows")
+
+
+def test_heads_not_divisible_by_4_or_8_stop_at_2_gpus(big):
+    model = big.models["six-heads"]
+    # 30e9 x 2 = 60e9 of weights. H100: one GPU's 73.6e9 holds 60e9 + 3 GiB + KV (
+    # 2 x 10 x 2 x 128 x 2 = 10,240 bytes x 4096 = 41,943,040) = 63.26e9: 1 GPU.
+    assert big.fit(model, big.gpus["h100"]).gpu_string == "H100"
+    # L40S: 2 GPUs give 88.32e9, enough (60e9 + 6.44e9 + 0.04e9 = 66.49e9): 2 GPUs.
+    assert big.fit(model, big.gpus["l40s"]).gpu_string == "L40S:2"
+
+
+def test_heads_not_divisible_by_4_fail_where_4_gpus_were_needed(tmp_path):
+    text = BIG_MODELS.replace("l40s: {modal_gpu: L40S, vram_gb: 48, usd_per_hour: 1.95}",
+                              "l4: {modal_gpu: L4, vram_gb: 24, usd_per_hour: 0.80}")
+    matrix = config.load(write(tmp_path, text))
+    fit = matrix.fit(matrix.models["six-heads"], matrix.gpus["l4"])
+    # L4 budget 24e9 x 0.92 = 22.08e9 per GPU; 2 GPUs = 44.16e9 < 60e9 + 2 x 3 GiB + 0.04e9.
+    # 4 (and 8) GPUs would fit, but 6 heads cannot be split 4 or 8 ways.
+    need_gib = (30 * 10**9 * 2 + 2 * OVERHEAD + 2 * 10 * 2 * 128 * 2 * 4096) / GIB
+    assert (fit.fits, fit.count) == (False, 0)
+    assert fit.reason == (
+        f"needs {need_gib:.1f} GiB at max_model_len 4096, more than 2 x 24 GB x 0.92 allows "
+        "(tensor-parallel size 4 or 8 does not divide its 6 attention heads)"
+    )
+    cells = [(f.model.key, f.gpu.key) for f in matrix.legacy_cells()]
+    assert ("six-heads", "l4") not in cells
+    assert ("six-heads", "h100") in cells
+
+
+def test_heads_divisible_by_4_not_8_take_4_gpus(tmp_path):
+    text = BIG_MODELS.replace("l40s: {modal_gpu: L40S, vram_gb: 48, usd_per_hour: 1.95}",
+                              "l4: {modal_gpu: L4, vram_gb: 24, usd_per_hour: 0.80}")
+    matrix = config.load(write(tmp_path, text))
+    # 60e9 x 2 = 120e9 of weights: 4 x 22.08e9 = 88.32e9 is too little, 8 GPUs would hold
+    # it, but 12 heads do not split 8 ways.
+    fit = matrix.fit(matrix.models["twelve-heads"], matrix.gpus["l4"])
+    assert (fit.fits, fit.count) == (False, 0)
+    assert fit.reason.endswith("more than 4 x 24 GB x 0.92 allows (tensor-parallel size 8 "
+                               "does not divide its 12 attention heads)")
+    # On H100 (73.6e9 each) 2 GPUs = 147.2e9 hold 120e9 + 6.44e9 + KV: H100:2.
+    assert matrix.fit(matrix.models["twelve-heads"], matrix.gpus["h100"]).gpu_string == "H100:2"
+
+
+def test_a_model_restricted_to_some_gpus(big):
+    model = big.models["h100-only"]
+    assert big.fit(model, big.gpus["h100"]).fits
+    fit = big.fit(model, big.gpus["l40s"])
+    assert (fit.fits, fit.reason) == (False, "l40s not in the model's gpus")
