@@ -1,0 +1,430 @@
+"""A stand-in for `vllm serve` 0.33: the same routes, response and error shapes, no GPU.
+
+Tests, conformance checks and benchmarks run it in a thread (`StandIn(...)` is an
+ASGI app) or as a process (`python tests/standin.py --port N ...`). Behaviours:
+honour or ignore structured-output constraints, be slow to become ready, break
+streams off, require a key, answer slowly, fail with a status. It records every
+request it receives (`.received`, or GET /_standin/received across processes)
+and every client that left before its answer was complete (`.disconnects`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+import uuid
+
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+class BrokenStream(Exception):
+    """Raised inside a streaming response: uvicorn then drops the connection mid-body."""
+
+
+# ## Output that satisfies a constraint
+
+
+def from_schema(schema, root=None, depth=0):
+    """A small JSON instance of a JSON schema (the common keywords)."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 20:
+        return None
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target.get(part, {}) if part else target
+        return from_schema(target, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return from_schema(schema[key][0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {k: from_schema(v, root, depth + 1) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [from_schema(schema.get("items", {}), root, depth + 1)
+                for _ in range(max(1, schema.get("minItems", 1)))]
+    if kind == "string":
+        if "pattern" in schema:
+            return from_regex(schema["pattern"])
+        return "x" * max(4, schema.get("minLength", 0))
+    if kind == "integer":
+        return int(schema.get("minimum", 42))
+    if kind == "number":
+        return float(schema.get("minimum", 0.5))
+    if kind == "boolean":
+        return True
+    return None
+
+
+def _category(name: str) -> str:
+    return {"DIGIT": "7", "WORD": "a", "SPACE": " ", "NOT_DIGIT": "a",
+            "NOT_WORD": "-", "NOT_SPACE": "a"}.get(name.removeprefix("CATEGORY_"), "a")
+
+
+def _in_set(ch: str, items) -> bool:
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL" and ord(ch) == arg:
+            return True
+        if name == "RANGE" and arg[0] <= ord(ch) <= arg[1]:
+            return True
+        if name == "CATEGORY" and re.fullmatch(
+                {"CATEGORY_DIGIT": r"\d", "CATEGORY_WORD": r"\w", "CATEGORY_SPACE": r"\s",
+                 "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_NOT_WORD": r"\W",
+                 "CATEGORY_NOT_SPACE": r"\S"}[str(arg)], ch):
+            return True
+    return False
+
+
+def _from_parsed(parsed) -> str:
+    out = []
+    for op, arg in parsed:
+        name = str(op)
+        if name == "LITERAL":
+            out.append(chr(arg))
+        elif name == "NOT_LITERAL":
+            out.append("a" if arg != ord("a") else "b")
+        elif name == "ANY":
+            out.append("a")
+        elif name == "IN":
+            negate = arg and str(arg[0][0]) == "NEGATE"
+            items = arg[1:] if negate else arg
+            if negate:
+                out.append(next(c for c in "aZ0- _.x" if not _in_set(c, items)))
+            else:
+                kind, first = str(items[0][0]), items[0][1]
+                out.append(chr(first) if kind == "LITERAL" else chr(first[0])
+                           if kind == "RANGE" else _category(str(first)))
+        elif name == "BRANCH":
+            out.append(_from_parsed(arg[1][0]))
+        elif name == "SUBPATTERN":
+            out.append(_from_parsed(arg[3]))
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, _, sub = arg
+            out.append(_from_parsed(sub) * low)  # the fewest repeats allowed
+        elif name == "ATOMIC_GROUP":
+            out.append(_from_parsed(arg))
+        # AT (anchors), ASSERT, GROUPREF: contribute no characters
+    return "".join(out)
+
+
+def from_regex(pattern: str) -> str:
+    """The shortest-ish string that fully matches a (simple) regex."""
+    from re import _parser
+
+    text = _from_parsed(_parser.parse(pattern))
+    if not re.fullmatch(pattern, text):
+        raise ValueError(f"stand-in cannot generate text for regex {pattern!r}")
+    return text
+
+
+_GRAMMAR_TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|[A-Za-z_][\w-]*|::=|[|()*+?])')
+
+
+def from_grammar(grammar: str) -> str:
+    """A sentence of a GBNF/EBNF grammar (first alternative each time), from `root`."""
+    rules = {}
+    for line in grammar.splitlines():
+        if "::=" in line:
+            name, _, rhs = line.partition("::=")
+            rules[name.strip()] = _GRAMMAR_TOKEN.findall(rhs)
+
+    def sequence(tokens, i, depth):
+        out = []
+        while i < len(tokens) and tokens[i] not in ("|", ")"):
+            tok = tokens[i]
+            if tok == "(":
+                text, i = alternatives(tokens, i + 1, depth)
+                i += 1  # the ")"
+            elif tok.startswith('"'):
+                text, i = json.loads(tok), i + 1
+            elif tok.startswith("["):
+                text, i = tok[1], i + 1
+            else:
+                if depth > 50 or tok not in rules:
+                    raise ValueError(f"stand-in cannot expand grammar rule {tok!r}")
+                text, _ = alternatives(rules[tok], 0, depth + 1)
+                i += 1
+            if i < len(tokens) and tokens[i] in ("*", "?", "+"):
+                text = "" if tokens[i] in ("*", "?") else text
+                i += 1
+            out.append(text)
+        return "".join(out), i
+
+    def alternatives(tokens, i, depth):
+        text, i = sequence(tokens, i, depth)
+        while i < len(tokens) and tokens[i] == "|":  # skip the other alternatives
+            _, i = sequence(tokens, i + 1, depth)
+        return text, i
+
+    if "root" not in rules:
+        raise ValueError("grammar has no root rule")
+    return alternatives(rules["root"], 0, 0)[0]
+
+
+# ## The server
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _error(status: int, message: str, kind: str = "BadRequestError", param=None) -> tuple:
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+class StandIn:
+    def __init__(self, served_model_names=("google/gemma-3-12b-it",), *, api_key=None,
+                 honour_constraints=True, ready_after=0.0, break_after=None, delay=0.0,
+                 token_delay=0.0, fail_status=None, max_model_len=32768):
+        self.names = list(served_model_names)
+        self.api_key = api_key
+        self.honour = honour_constraints
+        self.ready_at = time.monotonic() + ready_after
+        self.break_after = break_after
+        self.delay, self.token_delay = delay, token_delay
+        self.fail_status = fail_status
+        self.max_model_len = max_model_len
+        self.received: list[dict] = []  # {"method", "path", "headers", "body"}
+        self.disconnects: list[str] = []
+
+    @property
+    def last_body(self) -> dict | None:
+        return self.received[-1]["body"] if self.received else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path, method = scope["path"], scope["method"]
+        if path == "/_standin/received":  # test plumbing across processes, not vLLM
+            return await self._json(send, 200, {"received": self.received,
+                                                "disconnects": self.disconnects})
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        self.received.append({"method": method, "path": path, "headers": headers, "body": body})
+        if time.monotonic() < self.ready_at:
+            return await self._json(send, *_error(503, "the server is starting",
+                                                  "ServiceUnavailableError"))
+        if path.startswith("/v1") and self.api_key and \
+                headers.get("authorization") != f"Bearer {self.api_key}":
+            return await self._json(send, 401, {"error": "Unauthorized"})  # vLLM's own, bare
+        if path == "/health" and method == "GET":
+            return await self._raw(send, 200, b"", b"application/json")
+        if path == "/v1/models" and method == "GET":
+            return await self._json(send, 200, {"object": "list", "data": [
+                {"id": n, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+                 "root": self.names[0], "parent": None, "max_model_len": self.max_model_len}
+                for n in self.names]})
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            return await self._json(send, 404, {"detail": "Not Found"})
+        if method != "POST":
+            return await self._json(send, 405, {"detail": "Method Not Allowed"})
+        if self.fail_status:
+            return await self._json(send, *_error(self.fail_status, "stand-in failure",
+                                                  "InternalServerError"))
+        chat = path == "/v1/chat/completions"
+        problem = self._invalid(body, chat)
+        if problem:
+            return await self._json(send, *problem)
+        try:
+            text, finish = self._answer(body, chat)
+        except Exception as exc:  # noqa: BLE001 - vLLM refuses unusable constraints with a 400
+            return await self._json(send, *_error(400, f"invalid structured outputs: {exc}"))
+        gone = asyncio.ensure_future(receive())  # resolves when the client leaves
+        try:
+            if self.delay and await self._left(gone, self.delay):
+                return self.disconnects.append(path)
+            if body.get("stream"):
+                return await self._stream(send, gone, path, body, chat, text, finish)
+            return await self._json(send, 200, self._completion(body, chat, text, finish))
+        finally:
+            gone.cancel()
+
+    def _invalid(self, body, chat: bool):
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            return _error(400, "model: Field required", param="model")
+        if model not in self.names:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or \
+                    not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+                return _error(400, "messages: Input should be a non-empty list of messages")
+        elif not isinstance(body.get("prompt"), (str, list)):
+            return _error(400, "prompt: Field required", param="prompt")
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = body.get(field)
+            if value is not None and (type(value) is not int or value < 1):
+                return _error(400, f"{field}: must be a positive integer", param=field)
+        for field in ("stream", "echo"):
+            if body.get(field) is not None and type(body.get(field)) is not bool:
+                return _error(400, f"{field}: Input should be a valid boolean", param=field)
+        for field in ("structured_outputs", "response_format", "stream_options"):
+            if body.get(field) is not None and not isinstance(body.get(field), dict):
+                return _error(400, f"{field}: Input should be an object", param=field)
+        so = body.get("structured_outputs") or {}
+        if so and sum(so.get(k) is not None for k in CONSTRAINTS) != 1:
+            return _error(400, "You must use exactly one kind of structured outputs constraint")
+        return None
+
+    def _prompt(self, body, chat: bool) -> str:
+        if not chat:
+            prompt = body["prompt"]
+            return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+        content = body["messages"][-1].get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return content if isinstance(content, str) else ""
+
+    def _answer(self, body, chat: bool) -> tuple[str, str]:
+        """The reply text and finish reason: constrained if asked (and honouring), else plain."""
+        constrained = self._constrained(body) if self.honour else None
+        if constrained is not None:
+            return constrained, "stop"
+        words = ("This is the stand-in answering: " + self._prompt(body, chat)).split()
+        limit = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+        return " ".join(words[:limit]), "length" if len(words) > limit else "stop"
+
+    def _constrained(self, body) -> str | None:
+        so = body.get("structured_outputs") or {}
+        fmt = body.get("response_format") or {}
+        if so.get("json") is not None:
+            schema = so["json"]
+            return json.dumps(from_schema(json.loads(schema) if isinstance(schema, str) else schema))
+        if so.get("regex") is not None:
+            return from_regex(so["regex"])
+        if so.get("choice") is not None:
+            return str(so["choice"][0])
+        if so.get("grammar") is not None:
+            return from_grammar(so["grammar"])
+        if so.get("json_object") or fmt.get("type") == "json_object":
+            return json.dumps({"answer": "stand-in"})
+        if fmt.get("type") == "json_schema":
+            return json.dumps(from_schema(fmt["json_schema"]["schema"]))
+        return None
+
+    def _usage(self, body, chat, text) -> dict:
+        prompt = len(self._prompt(body, chat).split()) + 1
+        completion = len(text.split())
+        return {"prompt_tokens": prompt, "total_tokens": prompt + completion,
+                "completion_tokens": completion, "prompt_tokens_details": None}
+
+    def _completion(self, body, chat, text, finish) -> dict:
+        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": body["model"]}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text,
+                                              "refusal": None, "tool_calls": [],
+                                              "reasoning_content": None},
+                      "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        else:
+            echoed = self._prompt(body, chat) if body.get("echo") else ""
+            choice = {"index": 0, "text": echoed + text, "logprobs": None,
+                      "finish_reason": finish, "stop_reason": None, "prompt_logprobs": None}
+        return {**base, "choices": [choice], "service_tier": None, "system_fingerprint": None,
+                "usage": self._usage(body, chat, text), "prompt_logprobs": None,
+                "kv_transfer_params": None}
+
+    async def _stream(self, send, gone, path, body, chat, text, finish):
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8")]})
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        base = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body["model"]}
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+        events = []
+        if chat:
+            events.append({"delta": {"role": "assistant", "content": ""}})
+            events += [{"delta": {"content": p}} for p in pieces]
+            events.append({"delta": {}, "finish_reason": finish, "stop_reason": None})
+        else:
+            if body.get("echo"):
+                pieces.insert(0, self._prompt(body, chat))
+            events += [{"text": p} for p in pieces]
+            events[-1] = {**events[-1], "finish_reason": finish, "stop_reason": None}
+        for n, event in enumerate(events):
+            if self.break_after is not None and n >= self.break_after:
+                raise BrokenStream("stand-in breaks the stream off")
+            choice = {"index": 0, "logprobs": None, "finish_reason": None, **event}
+            await send({"type": "http.response.body", "body": _sse({**base, "choices": [choice]}),
+                        "more_body": True})
+            if await self._left(gone, self.token_delay):
+                return self.disconnects.append(path)
+        tail = b""
+        if (body.get("stream_options") or {}).get("include_usage"):
+            tail = _sse({**base, "choices": [], "usage": self._usage(body, chat, text)})
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+
+    @staticmethod
+    async def _left(gone, seconds: float) -> bool:
+        """Wait (or just yield); True if the client disconnected meanwhile."""
+        if seconds:
+            await asyncio.wait((gone,), timeout=seconds)
+        else:
+            await asyncio.sleep(0)
+        return gone.done()
+
+    @staticmethod
+    async def _raw(send, status, data: bytes, ctype: bytes):
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", ctype), (b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _json(self, send, status, obj):
+        await self._raw(send, status, json.dumps(obj).encode(), b"application/json")
+
+
+def main(argv=None) -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=["google/gemma-3-12b-it"])
+    p.add_argument("--api-key")
+    p.add_argument("--ignore-constraints", action="store_true",
+                   help="answer plain text whatever constraint is asked (like guided_* today)")
+    p.add_argument("--ready-after", type=float, default=0.0, help="503 on everything until then")
+    p.add_argument("--break-after", type=int, help="drop the connection after N stream chunks")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    p.add_argument("--token-delay", type=float, default=0.0, help="seconds between chunks")
+    p.add_argument("--fail-status", type=int, help="answer every completion with this status")
+    a = p.parse_args(argv)
+    app = StandIn(a.served_model_name, api_key=a.api_key,
+                  honour_constraints=not a.ignore_constraints, ready_after=a.ready_after,
+                  break_after=a.break_after, delay=a.delay, token_delay=a.token_delay,
+                  fail_status=a.fail_status)
+    print(f"stand-in on http://{a.host}:{a.port}", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="critical", access_log=False,
+                server_header=False, date_header=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""The gateway over real loopback HTTP: the official openai SDK as client, stand-ins of
+vLLM 0.33 as backends, each a real uvicorn server on a free port."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+import config
+import gateway
+from servers import HOST, ThreadServer, free_port
+from standin import StandIn
+
+KEY = "sk-test-" + secrets.token_hex(16)
+G12, G27 = "google/gemma-3-12b-it", "google/gemma-3-27b-it"
+PERSON = {"type": "object", "required": ["name", "age", "city"], "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
+SQL = 'root ::= "SELECT " column " FROM " table\ncolumn ::= "id" | "name"\ntable ::= "users" | "orders"'
+HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        return config.load()
+
+
+def start_gateway(matrix, urls: dict[str, str], **options):
+    """A gateway server in front of `urls` (model key -> base URL); the others unavailable."""
+    backend = gateway.HTTPBackend(urls, **options.pop("backend", {}))
+    served = [matrix.models[k] for k in urls]
+    unavailable = {k: "does not fit on L40S: needs 2 GPUs" for k in matrix.models if k not in urls}
+    app = gateway.build_app(served, backend, api_key=options.pop("api_key", KEY),
+                            unavailable=unavailable, **options)
+    return ThreadServer(app)
+
+
+@pytest.fixture(scope="module")
+def stack(matrix):
+    """Two stand-ins (one per model) behind one gateway; qwen3-vl-30b is 'unavailable'."""
+    a, b = StandIn([G12]), StandIn([G27])
+    with ThreadServer(a) as sa, ThreadServer(b) as sb, \
+            start_gateway(matrix, {"gemma-3-12b": sa.url, "gemma-3-27b": sb.url + "/v1/"}) as gw:
+        yield {"a": a, "b": b, "url": gw.url}
+
+
+@pytest.fixture
+def env(stack):
+    for standin in (stack["a"], stack["b"]):
+        standin.received.clear()
+        standin.disconnects.clear()
+    return stack
+
+
+def sdk(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=10)
+
+
+def raw(url: str, key: str | None = KEY) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=10)
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert KEY not in response.text
+    return error
+
+
+# ## Routes, routing, the SDK's everyday calls
+
+
+def test_health_needs_no_key_and_reveals_nothing(env):
+    response = raw(env["url"], key=None).get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert KEY not in response.text and "gemma" not in response.text
+    assert raw(env["url"], key=None).head("/health").status_code == 200
+
+
+def test_models_lists_served_names_with_short_aliases(env):
+    ids = [m.id for m in sdk(env["url"]).models.list()]
+    assert ids == [G12, G27]
+    data = raw(env["url"]).get("/v1/models").json()["data"]
+    assert data[0]["aliases"] == ["gemma-3-12b"] and data[1]["aliases"] == ["gemma-3-27b"]
+
+
+@pytest.mark.parametrize("name", [G12, "gemma-3-12b", "GEMMA-3-12B", " Google/Gemma-3-12B-IT "])
+def test_any_alias_reaches_its_backend_under_the_canonical_name(env, name):
+    reply = sdk(env["url"]).chat.completions.create(model=name, messages=HELLO, max_tokens=100)
+    assert reply.model == G12 and "Hello!" in reply.choices[0].message.content
+    assert env["a"].last_body["model"] == G12 and not env["b"].received
+
+
+def test_each_model_goes_to_its_own_backend(env):
+    sdk(env["url"]).chat.completions.create(model="gemma-3-27b", messages=HELLO)
+    assert env["b"].last_body["model"] == G27 and not env["a"].received
+    assert env["b"].received[-1]["path"] == gateway.CHAT
+
+
+def test_text_completions_with_echo(env):
+    reply = sdk(env["url"]).completions.create(model="gemma-3-12b", prompt="Once upon a time",
+                                               max_tokens=100, echo=True)
+    assert reply.choices[0].text.startswith("Once upon a time")
+    assert env["a"].last_body == {"model": G12, "prompt": "Once upon a time",
+                                  "max_tokens": 100, "echo": True}
+
+
+def test_chat_stream_arrives_chunk_by_chunk_with_usage(env):
+    client = sdk(env["url"])
+    whole = client.chat.completions.create(model="gemma-3-12b", messages=HELLO)
+    chunks = list(client.chat.completions.create(
+        model="gemma-3-12b", messages=HELLO, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len(chunks) > 4 and chunks[-1].usage.completion_tokens == len(text.split())
+
+
+def test_completion_stream(env):
+    chunks = list(sdk(env["url"]).completions.create(
+        model="gemma-3-27b", prompt="The capital of France is", max_tokens=50, stream=True))
+    assert "".join(c.choices[0].text for c in chunks).startswith("This is the stand-in")
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_spec_curl_bodies_work_as_written(env):
+    """The user's curl examples, body for body (only the host differs)."""
+    bodies = [
+        (gateway.CHAT, {"model": G12, "messages": HELLO, "max_tokens": 100}),
+        (gateway.CHAT, {"model": "gemma-3-12b", "messages": HELLO, "max_tokens": 100}),
+        (gateway.COMPLETIONS, {"model": "gemma-3-12b", "prompt": "The capital of France is",
+                               "max_tokens": 50}),
+        (gateway.CHAT, {"model": "gemma-3-12b", "messages": HELLO,
+                        "response_format": {"type": "json_object"}}),
+        (gateway.CHAT, {"model": "gemma-3-12b", "messages": HELLO, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}),
+        (gateway.CHAT, {"model": "gemma-3-12b", "messages": HELLO,
+                        "structured_outputs": {"regex": "\\w+@\\w+\\.com"}}),
+        (gateway.CHAT, {"model": "gemma-3-12b", "messages": HELLO,
+                        "structured_outputs": {"choice": ["Positive", "Negative", "Neutral"]}}),
+        (gateway.CHAT, {"model": "gemma-3-12b", "messages": HELLO,
+                        "structured_outputs": {"grammar": SQL}}),
+        (gateway.COMPLETIONS, {"model": "gemma-3-12b", "prompt": "Generate a person object:",
+                               "structured_outputs": {"json": PERSON}}),
+    ]
+    with raw(env["url"]) as client:
+        for path, body in bodies:
+            response = client.post(path, content=json.dumps(body),
+                                   headers={"Content-Type": "application/json"})
+            assert response.status_code == 200, (body, response.text)
+            assert env["a"].last_body == {**body, "model": G12}  # untouched but for the name
+        assert client.get("/v1/models").status_code == 200
+
+
+# ## Structured outputs
+
+
+def content(reply) -> str:
+    choice = reply.choices[0]
+    return choice.message.content if hasattr(choice, "message") else choice.text
+
+
+def test_response_format_json_schema_passes_through(env):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    reply = sdk(env["url"]).chat.completions.create(
+        model="gemma-3-12b", messages=HELLO, response_format=fmt)
+    person = json.loads(reply.choices[0].message.content)
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    assert env["a"].last_body["response_format"] == fmt
+
+
+def first_key(value) -> str:
+    return next(iter(value), "") if isinstance(value, dict) else ""
+
+
+CONSTRAINED = [
+    ({"json": PERSON}, lambda text: set(json.loads(text)) == {"name", "age", "city"}),
+    ({"regex": r"\w+@\w+\.com"}, lambda text: re.fullmatch(r"\w+@\w+\.com", text)),
+    ({"choice": ["Positive", "Negative"]}, lambda text: text in ("Positive", "Negative")),
+    ({"grammar": SQL}, lambda text: re.fullmatch("SELECT (id|name) FROM (users|orders)", text)),
+    ({"json_object": True}, lambda text: isinstance(json.loads(text), dict)),
+]
+
+
+@pytest.mark.parametrize("constraint,check", CONSTRAINED, ids=first_key)
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_structured_outputs_pass_through_untouched(env, route, constraint, check):
+    client = sdk(env["url"])
+    extra = {"structured_outputs": constraint}
+    if route == "chat":
+        reply = client.chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                               extra_body=extra)
+    else:
+        reply = client.completions.create(model="gemma-3-12b", prompt="Go:", extra_body=extra)
+    assert check(content(reply))
+    assert env["a"].last_body["structured_outputs"] == constraint
+
+
+LEGACY = [
+    ({"guided_json": PERSON, "guided_decoding_backend": "xgrammar"}, {"json": PERSON},
+     CONSTRAINED[0][1]),
+    ({"guided_regex": r"\w+@\w+\.com"}, {"regex": r"\w+@\w+\.com"}, CONSTRAINED[1][1]),
+    ({"guided_choice": ["Positive", "Negative"]}, {"choice": ["Positive", "Negative"]},
+     CONSTRAINED[2][1]),
+    ({"guided_grammar": SQL}, {"grammar": SQL}, CONSTRAINED[3][1]),
+    ({"guided_choice": ["yes"], "structured_outputs": {"disable_any_whitespace": True}},
+     {"choice": ["yes"], "disable_any_whitespace": True}, lambda text: text == "yes"),
+]
+
+
+@pytest.mark.parametrize("legacy,expected,check", LEGACY, ids=first_key)
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_legacy_guided_fields_become_structured_outputs(env, route, legacy, expected, check):
+    client = sdk(env["url"])
+    if route == "chat":
+        reply = client.chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                               extra_body=legacy)
+    else:
+        reply = client.completions.create(model="gemma-3-12b", prompt="Go:", extra_body=legacy)
+    assert check(content(reply))
+    received = env["a"].last_body
+    assert received["structured_outputs"] == expected
+    assert not [k for k in received if k.startswith("guided_")]
+
+
+def test_standin_like_vllm_ignores_legacy_fields_sent_directly(env):
+    """Why the translation exists: vLLM >= 0.12 answers guided_* with unconstrained text."""
+    with ThreadServer(StandIn([G12])) as direct:
+        reply = sdk(direct.url).chat.completions.create(
+            model=G12, messages=HELLO, extra_body={"guided_choice": ["Positive", "Negative"]})
+    assert reply.choices[0].message.content not in ("Positive", "Negative")
+
+
+@pytest.mark.parametrize("extra", [
+    {"guided_json": PERSON, "guided_regex": "a+"},
+    {"guided_choice": ["a"], "structured_outputs": {"regex": "a+"}},
+    {"guided_json": PERSON, "response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+     "structured_outputs": {"choice": ["a"]}},
+    {"structured_outputs": {"choice": ["a"], "regex": "a+"}},
+    {"guided_regex": "a+", "structured_outputs": "regex"},
+])
+def test_conflicting_constraints_are_a_400(env, extra):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(env["url"]).chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                                extra_body=extra)
+    assert caught.value.body["param"] == "structured_outputs"
+    assert not env["a"].received
+
+
+# ## Authentication
+
+
+def test_wrong_key_is_an_authentication_error(env):
+    for key in ("wrong", KEY[:-1], KEY + "x", KEY.upper()):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            sdk(env["url"], key=key).chat.completions.create(model="gemma-3-12b", messages=HELLO)
+        assert caught.value.response.headers["www-authenticate"].startswith("Bearer")
+        assert KEY not in caught.value.response.text
+    assert not env["a"].received
+
+
+@pytest.mark.parametrize("header", [None, "Basic " + KEY, "Bearer", f"Bearer {KEY} extra",
+                                    "Bearer" + KEY, KEY, "Token " + KEY],
+                         ids=["none", "basic", "no-token", "extra", "no-space", "bare", "token"])
+@pytest.mark.parametrize("path", ["/v1/models", gateway.CHAT, gateway.COMPLETIONS])
+def test_missing_or_malformed_authorization_is_401(env, header, path):
+    headers = {"Authorization": header} if header is not None else {}
+    with raw(env["url"], key=None) as client:
+        response = client.request("GET" if path == "/v1/models" else "POST", path,
+                                  headers=headers, json={"model": "gemma-3-12b", "prompt": "x"})
+    assert_openai_error(response, 401)
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert not env["a"].received
+
+
+def test_repeated_authorization_headers_are_refused(env):
+    with raw(env["url"], key=None) as client:
+        response = client.get("/v1/models", headers=[("Authorization", f"Bearer {KEY}"),
+                                                     ("Authorization", "Bearer other")])
+    assert_openai_error(response, 401)
+
+
+def test_scheme_is_case_insensitive(env):
+    with raw(env["url"], key=None) as client:
+        assert client.get("/v1/models", headers={"Authorization": f"bearer {KEY}"}).is_success
+
+
+def test_no_key_refuses_to_start_unless_explicitly_unauthenticated(matrix, env):
+    backend = gateway.HTTPBackend({})
+    with pytest.raises(config.UsageError):
+        gateway.build_app([matrix.models["gemma-3-12b"]], backend, api_key=None)
+    with pytest.raises(config.UsageError):
+        gateway.build_app([matrix.models["gemma-3-12b"]], backend, api_key="")
+    app = gateway.build_app([matrix.models["gemma-3-12b"]],
+                            gateway.HTTPBackend({"gemma-3-12b": "http://127.0.0.1:9"}),
+                            api_key=None, allow_unauthenticated=True)
+    with ThreadServer(app) as open_gw:
+        assert raw(open_gw.url, key=None).get("/v1/models").status_code == 200
+
+
+def test_api_key_from_env(monkeypatch):
+    assert gateway.api_key_from_env() is None
+    monkeypatch.setenv("API_KEY", "k")
+    assert gateway.api_key_from_env() == "k"
+    assert gateway.mask_key("sk-" + "x" * 20 + "abcd") == "sk-…abcd"
+    assert "short" not in gateway.mask_key("shortkey")
+
+
+# ## Everything else is 404 and never forwarded
+
+
+@pytest.mark.parametrize("path", [
+    "/docs", "/redoc", "/openapi.json", "/invocations", "/tokenize", "/detokenize", "/metrics",
+    "/sleep", "/wake_up", "/v1/load_lora_adapter", "/v1/embeddings", "/v1/responses", "/",
+    "/v1/chat/completions/", "/v1//completions", "/V1/models", "/health/x",
+    "/v1/models/google/gemma-3-12b-it", "/pooling", "/is_sleeping", "/version"])
+def test_other_paths_are_404_and_never_forwarded(env, path):
+    with raw(env["url"]) as client:
+        for method in ("GET", "POST"):
+            response = client.request(method, path, json={"model": "gemma-3-12b"})
+            assert_openai_error(response, 404)
+    assert not env["a"].received and not env["b"].received
+
+
+def test_wrong_method_on_a_route_is_405(env):
+    with raw(env["url"]) as client:
+        assert_openai_error(client.get(gateway.CHAT), 405)
+        assert_openai_error(client.post("/v1/models"), 405)
+
+
+# ## Validation and model errors
+
+
+def test_unknown_model_is_404_listing_the_served_names(env):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk(env["url"]).chat.completions.create(model="llama-4", messages=HELLO)
+    assert G12 in caught.value.message and G27 in caught.value.message
+    assert caught.value.body["param"] == "model"
+
+
+def test_model_not_served_on_this_gpu_says_why(env):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk(env["url"]).completions.create(model="Qwen3-VL-30B", prompt="x")
+    assert "does not fit on L40S" in caught.value.message
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400), (b"[1, 2]", 400), (b'"text"', 400), (b"", 400), (b"\xff\xfe", 400),
+    (b"[" * 100_000, 400), (b'{"messages": []}', 400), (b'{"model": 12}', 400),
+    (b'{"model": null}', 400), (b'{"model": ["gemma-3-12b"]}', 400),
+    (b'{"model": "gemma-3-12b", "messages": [], "max_tokens": 0}', 400),
+])
+def test_invalid_bodies_are_openai_shaped_4xx(env, body, status):
+    with raw(env["url"]) as client:
+        assert_openai_error(client.post(gateway.CHAT, content=body), status)
+
+
+def test_upstream_4xx_keeps_vllm_message(env):
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(env["url"]).chat.completions.create(model="gemma-3-12b", messages=HELLO, max_tokens=0)
+    assert "max_tokens" in caught.value.message
+
+
+def test_body_over_limit_is_413(matrix, env):
+    with start_gateway(matrix, {"gemma-3-12b": "http://127.0.0.1:9"}, max_body_bytes=4096) as gw:
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk(gw.url).chat.completions.create(
+                model="gemma-3-12b", messages=[{"role": "user", "content": "x" * 5000}])
+        assert caught.value.status_code == 413
+        # Declared too large: refused before the body is sent at all.
+        with socket.create_connection((HOST, gw.port), timeout=5) as s:
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}"
+                      "\r\nContent-Length: 10000000000\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 413")
+        # Not declared (chunked): refused once it grows past the limit.
+        with raw(gw.url) as client:
+            response = client.post(gateway.COMPLETIONS, content=(b"x" * 1024 for _ in range(8)))
+        assert_openai_error(response, 413)
+
+
+def test_large_image_request_fits_the_default_limit(env):
+    image = "data:image/png;base64," + "A" * (3 * 1024 * 1024)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": image}}]}]
+    sdk(env["url"]).chat.completions.create(model="gemma-3-12b", messages=messages)
+    assert env["a"].last_body["messages"] == messages
+
+
+# ## Streaming: keep-alives, broken backends
+
+
+def test_cold_backend_gets_keepalives_until_its_first_byte(matrix):
+    with ThreadServer(StandIn([G12], delay=0.45)) as slow, \
+            start_gateway(matrix, {"gemma-3-12b": slow.url}, keepalive_interval=0.1) as gw:
+        with raw(gw.url).stream("POST", gateway.CHAT, json={
+                "model": "gemma-3-12b", "messages": HELLO, "stream": True}) as response:
+            assert response.status_code == 200
+            body = response.read().decode()
+        head, _, rest = body.partition("data: ")
+        assert head.count(": keep-alive\n\n") >= 3 and rest.rstrip().endswith("[DONE]")
+        chunks = list(sdk(gw.url).chat.completions.create(
+            model="gemma-3-12b", messages=HELLO, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks).endswith("Hello!")
+
+
+def test_backend_dying_mid_stream_raises_in_the_sdk(matrix):
+    with ThreadServer(StandIn([G12], break_after=3)) as breaking, \
+            start_gateway(matrix, {"gemma-3-12b": breaking.url}) as gw:
+        stream = sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                                     stream=True)
+        seen = []
+        with pytest.raises(openai.APIError, match="broke off the stream"):
+            for chunk in stream:
+                seen.append(chunk)
+        assert len(seen) == 3
+        with raw(gw.url).stream("POST", gateway.COMPLETIONS, json={
+                "model": "gemma-3-12b", "prompt": "x", "stream": True}) as response:
+            last = response.read().decode().rstrip().rsplit("\n\n", 1)[-1]
+        assert json.loads(last.removeprefix("data: "))["error"]["code"] == 502
+
+
+def test_stream_error_before_first_byte_keeps_its_status(env):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        list(sdk(env["url"]).chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                                     stream=True, max_tokens=0))
+
+
+# ## Backend failures
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_starting_backend_is_503_with_retry_after(matrix, stream):
+    with ThreadServer(StandIn([G12], ready_after=60)) as starting, \
+            start_gateway(matrix, {"gemma-3-12b": starting.url}) as gw:
+        with pytest.raises(openai.InternalServerError) as caught:
+            reply = sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                                        stream=stream)
+            list(reply) if stream else None
+        assert caught.value.status_code == 503
+        assert int(caught.value.response.headers["retry-after"]) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_refused_connection_and_5xx_are_502(matrix, stream):
+    with ThreadServer(StandIn([G12], fail_status=500)) as failing, \
+            start_gateway(matrix, {"gemma-3-12b": f"http://{HOST}:{free_port()}",
+                                   "gemma-3-27b": failing.url}) as gw:
+        for name in ("gemma-3-12b", "gemma-3-27b"):
+            with pytest.raises(openai.InternalServerError) as caught:
+                reply = sdk(gw.url).chat.completions.create(model=name, messages=HELLO,
+                                                            stream=stream)
+                list(reply) if stream else None
+            assert caught.value.status_code == 502
+            assert caught.value.body["type"] == "BadGatewayError"
+
+
+def test_slow_backend_times_out_as_504(matrix):
+    with ThreadServer(StandIn([G12], delay=3)) as slow, \
+            start_gateway(matrix, {"gemma-3-12b": slow.url}, backend={"timeout": 0.2}) as gw:
+        with pytest.raises(openai.InternalServerError) as caught:
+            sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO)
+        assert caught.value.status_code == 504
+
+
+def test_backend_key_is_sent_and_its_bare_401_is_not_the_clients_fault(matrix):
+    with ThreadServer(StandIn([G12], api_key="backend-key")) as guarded:
+        with start_gateway(matrix, {"gemma-3-12b": guarded.url}) as gw:
+            with pytest.raises(openai.InternalServerError) as caught:
+                sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO)
+            assert caught.value.status_code == 502 and "credentials" in caught.value.message
+        with start_gateway(matrix, {"gemma-3-12b": guarded.url},
+                           backend={"api_key": "backend-key"}) as gw:
+            assert sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO)
+
+
+# ## Client disconnects cancel the backend request
+
+
+def wait_until(predicate, timeout=3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_client_disconnect_cancels_the_backend_request(matrix):
+    with ThreadServer(StandIn([G12], delay=5)) as slow, \
+            start_gateway(matrix, {"gemma-3-12b": slow.url}) as gw:
+        with pytest.raises(httpx.ReadTimeout):
+            raw(gw.url).post(gateway.CHAT, timeout=0.3,
+                             json={"model": "gemma-3-12b", "messages": HELLO})
+        assert wait_until(lambda: slow.app.disconnects == [gateway.CHAT])
+
+
+def test_client_disconnect_mid_stream_cancels_the_backend_stream(matrix):
+    with ThreadServer(StandIn([G12], token_delay=0.05)) as slow, \
+            start_gateway(matrix, {"gemma-3-12b": slow.url}) as gw:
+        prompt = " ".join(["word"] * 200)
+        with raw(gw.url).stream("POST", gateway.COMPLETIONS, json={
+                "model": "gemma-3-12b", "prompt": prompt, "max_tokens": 200,
+                "stream": True}) as response:
+            first = next(response.iter_bytes())
+        assert first.startswith(b"data: ")
+        assert wait_until(lambda: slow.app.disconnects == [gateway.COMPLETIONS])
+
+
+# ## Logs
+
+
+def test_one_structured_log_line_per_request_and_never_the_key(env, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+    client = sdk(env["url"])
+    client.chat.completions.create(model="gemma-3-12b", messages=HELLO)
+    for key in ("wrong-" + KEY, KEY[:8]):
+        with pytest.raises(openai.AuthenticationError):
+            sdk(env["url"], key=key).models.list()
+    assert wait_until(lambda: len(caplog.records) >= 3)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway"]
+    ok = lines[0]
+    assert ok["model"] == "gemma-3-12b" and ok["status"] == 200 and ok["ms"] >= 0
+    assert re.fullmatch("[0-9a-f]{16}", ok["request_id"]) and ok["path"] == gateway.CHAT
+    assert [line["status"] for line in lines[1:]] == [401, 401]
+    assert KEY not in caplog.text and KEY[:8] not in caplog.text
+    assert "authorization" not in caplog.text.lower()
