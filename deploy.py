@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -45,9 +46,9 @@ cli = typer.Typer(
 #
 # typer 0.29 coerces every option that is not a bool flag through a pydantic
 # TypeAdapter, and importing pydantic costs ~200 ms: more than all the rest of
-# `--list`. Options typed plainly (str, Path, int, float, bool, with no parser,
-# bounds or path checks) need none of it, so they are coerced here and anything
-# else still goes to typer. typer is pinned; if its internals move, this does
+# `--list`. Options typed plainly (str, Path, int, float, bool or a list of one
+# of them, with no parser, bounds or path checks) need none of it, so they are
+# coerced here and anything else still goes to typer. typer is pinned; if its internals move, this does
 # nothing and only speed is lost (tests/test_cli_matrix.py would notice).
 
 _TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off", ""}
@@ -71,21 +72,35 @@ def _coerce_plain_options_without_pydantic() -> None:
         return
     converters = {str: str, Path: Path, int: int, float: float, bool: _to_bool}
 
+    def item_type(annotation):
+        """`str` for str, and for list[str] (a repeatable option); None if not plain."""
+        if typing.get_origin(annotation) is list:
+            (annotation,) = typing.get_args(annotation) or (None,)
+        return annotation if annotation in converters else None
+
     class PlainParam(RuntimeParam):
         def _coerce_value(self, value, param, ctx):
-            if type(value) is self.annotation:
-                return value
-            try:
-                return converters[self.annotation](value)
-            except (TypeError, ValueError):
-                raise typer.BadParameter(
-                    f"{value!r} is not a valid {self.annotation.__name__}", ctx=ctx, param=param
-                ) from None
+            kind = item_type(self.annotation)
+
+            def convert(item):
+                if type(item) is kind:
+                    return item
+                try:
+                    return converters[kind](item)
+                except (TypeError, ValueError):
+                    raise typer.BadParameter(
+                        f"{item!r} is not a valid {kind.__name__}", ctx=ctx, param=param
+                    ) from None
+
+            if typing.get_origin(self.annotation) is list:
+                return [convert(item) for item in
+                        (value if isinstance(value, (list, tuple)) else [value])]
+            return convert(value)
 
     def build_runtime_param(descriptor):
         info = descriptor.parameter_info
         plain = (
-            descriptor.annotation in converters
+            item_type(descriptor.annotation) is not None
             and descriptor.file_annotation is None
             and info.parser is None and info.min is None and info.max is None
             and not (info.exists or info.resolve_path or info.writable or info.allow_dash)
