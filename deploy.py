@@ -33,6 +33,7 @@ MATRIX = "Matrix"
 DEPLOY = "Deploy (GPU-based: one endpoint per GPU type)"
 LEGACY = "Legacy (one endpoint per model x GPU)"
 OUTPUT = "Output and configuration"
+LOCAL = "Local gateway"
 
 cli = typer.Typer(
     add_completion=False,
@@ -315,6 +316,21 @@ def show_plan(matrix: config.Matrix, apps) -> None:
                   soft_wrap=True)
 
 
+# ## --serve-local
+
+
+def _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticated) -> None:
+    import os
+
+    if not serve_local:
+        raise config.UsageError("--upstream and --allow-unauthenticated go with --serve-local")
+    import gateway
+
+    gateway.serve_local(matrix, upstream or [], host=host, port=port,
+                        api_key=os.environ.get("VLLM_API_KEY") or None,
+                        allow_unauthenticated=allow_unauthenticated)
+
+
 # ## The command
 
 
@@ -338,6 +354,21 @@ def main(
     model: Annotated[str | None, typer.Option(
         "--model", metavar="MODEL-GPU", help="Deploy one legacy app (e.g. gemma-3-12b-l40s).",
         rich_help_panel=LEGACY)] = None,
+    serve_local: Annotated[bool, typer.Option(
+        "--serve-local", help="Run the gateway here, in front of OpenAI-compatible servers you "
+        "already run (e.g. vllm serve); the key comes from VLLM_API_KEY.",
+        rich_help_panel=LOCAL)] = False,
+    upstream: Annotated[list[str] | None, typer.Option(
+        "--upstream", metavar="MODEL=URL", help="Where one model is served (repeatable); a bare "
+        "URL serves every model.", rich_help_panel=LOCAL)] = None,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address the local gateway listens on.", rich_help_panel=LOCAL)
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        "--port", help="Port of the local gateway.", rich_help_panel=LOCAL)] = 8080,
+    allow_unauthenticated: Annotated[bool, typer.Option(
+        "--allow-unauthenticated", help="Serve without VLLM_API_KEY (anyone who reaches the "
+        "port can use it).", rich_help_panel=LOCAL)] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print machine-readable JSON instead of tables.",
         rich_help_panel=OUTPUT)] = False,
@@ -345,13 +376,15 @@ def main(
         "--config", metavar="PATH", help="Matrix file to read.", envvar="MODAL_VLLM_CONFIG",
         rich_help_panel=OUTPUT)] = config.DEFAULT_PATH,
 ) -> None:
-    actions = _actions(list=list_, gpu=gpu, all=all_, model=model)
+    actions = _actions(list=list_, gpu=gpu, all=all_, model=model, serve_local=serve_local)
     if len(actions) != 1:
         what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU"
                 if not actions else f"choose one of {', '.join(actions)}")
         raise typer.BadParameter(what, param_hint="action")
     try:
         matrix = config.load(config_path)
+        if serve_local or upstream or allow_unauthenticated:
+            return _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticated)
         if list_:
             if dry_run:
                 raise config.UsageError("--dry-run goes with --gpu, --all or --model")

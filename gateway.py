@@ -451,6 +451,9 @@ class HTTPBackend:
 
     def __init__(self, base_urls: dict[str, str], *, api_key: str | None = None,
                  timeout: float = 3600.0, connect_timeout: float = 10.0):
+        import aiohttp  # here, not per request: importing it takes a few hundred ms
+
+        self.aiohttp = aiohttp
         self.urls = {}
         for key, base in base_urls.items():
             base = base.rstrip("/").removesuffix("/v1")
@@ -462,8 +465,7 @@ class HTTPBackend:
         self.session = None
 
     def _session(self):
-        import aiohttp
-
+        aiohttp = self.aiohttp
         if self.session is None:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
@@ -480,8 +482,7 @@ class HTTPBackend:
         return urls[path]
 
     async def _post(self, model, path, body):
-        import aiohttp
-
+        aiohttp = self.aiohttp
         try:
             return await self._session().post(self._url(model, path), headers=self.headers,
                                                data=json.dumps(body).encode())
@@ -492,8 +493,7 @@ class HTTPBackend:
             raise BackendError(502, f"backend for '{model.name}' is unreachable") from None
 
     async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
-        import aiohttp
-
+        aiohttp = self.aiohttp
         resp = await self._post(model, path, body)
         try:
             raw = await resp.read()
@@ -519,8 +519,7 @@ class HTTPBackend:
         return resp.status, payload
 
     async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
-        import aiohttp
-
+        aiohttp = self.aiohttp
         resp = await self._post(model, path, body)
         complete = False
         try:
@@ -599,6 +598,9 @@ def serve_local(matrix: config.Matrix, upstreams: list[str], *, host: str = "127
     import uvicorn
 
     urls = parse_upstreams(matrix, upstreams)
+    if not api_key and not allow_unauthenticated:
+        raise config.UsageError("no API key: set VLLM_API_KEY, or pass --allow-unauthenticated "
+                                "to serve without one")
     served = [matrix.models[key] for key in urls]
     unavailable = {alias: "no --upstream was given for it"
                    for m in matrix.models.values() if m.key not in urls for alias in m.aliases}

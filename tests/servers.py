@@ -6,11 +6,13 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Self
 
 import uvicorn
 
 HOST = "127.0.0.1"
+ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -74,8 +76,8 @@ class ProcessServer:
     lingers). Use as a context manager."""
 
     def __init__(self, argv: list[str], port: int, *, env: dict | None = None,
-                 timeout: float = 60.0, log=None):
-        self.argv, self.port, self.env, self.timeout = argv, port, env, timeout
+                 timeout: float = 60.0, log=None, cwd=None):
+        self.argv, self.port, self.env, self.timeout, self.cwd = argv, port, env, timeout, cwd
         self.log = log if log is not None else subprocess.DEVNULL
         self.proc = None
 
@@ -84,7 +86,7 @@ class ProcessServer:
         return f"http://{HOST}:{self.port}"
 
     def __enter__(self) -> Self:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, self.timeout, self.proc)
