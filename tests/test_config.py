@@ -373,6 +373,7 @@ def test_the_cache_keeps_the_path_it_was_loaded_from(tmp_path):
 
 
 @pytest.mark.parametrize("junk", [b"", b"not a pickle", pickle.dumps({"gpus": {}}),
+                                  pickle.dumps((b"key", "not a matrix")),
                                   b"\x80\x05\x95garbage", pickle.dumps(config.Defaults)[:-3]])
 def test_a_corrupt_cache_file_is_ignored(tmp_path, junk):
     path = write(tmp_path, BASE)
@@ -380,7 +381,20 @@ def test_a_corrupt_cache_file_is_ignored(tmp_path, junk):
     (cache,) = Path(os.environ["MODAL_VLLM_CACHE_DIR"]).glob("matrix-*.pickle")
     cache.write_bytes(junk)
     assert list(config.load(path).models) == ["tiny"]
-    assert isinstance(pickle.loads(cache.read_bytes()), config.Matrix)  # rewritten
+    key, matrix = pickle.loads(cache.read_bytes())  # rewritten
+    assert key.endswith(BASE.encode()) and isinstance(matrix, config.Matrix)
+
+
+def test_a_cache_file_for_other_bytes_is_never_used(tmp_path):
+    # As if two files' checksums collided: the name matches, the stored bytes do not.
+    other = config.load(write(tmp_path, BASE.replace("vram_gb: 48", "vram_gb: 46"), "o.yaml"))
+    path = write(tmp_path, BASE)
+    config.load(path)
+    (cache,) = [c for c in Path(os.environ["MODAL_VLLM_CACHE_DIR"]).glob("matrix-*.pickle")
+                if pickle.loads(c.read_bytes())[1].gpus["l40s"].vram_gb == 48]
+    key, _ = pickle.loads(cache.read_bytes())
+    cache.write_bytes(pickle.dumps((key.replace(b"vram_gb: 48", b"vram_gb: 46"), other)))
+    assert config.load(path).gpus["l40s"].vram_gb == 48
 
 
 def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):
