@@ -25,14 +25,19 @@ EXAMPLES = """
   uv run deploy.py --gpu h100                  deploy vllm-h100 (serves every model)
   uv run deploy.py --test-gpu h100             conformance suite against it
   export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1
+  uv run deploy.py --status                    what is deployed and running
+  uv run deploy.py --stop all                  stop every app (asks first)
 
-[bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml
+[bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml,
+  4 not authenticated with Modal, 5 Modal unreachable, 6 Modal Secret missing,
+  7 limit reached (endpoints, quota), 8 build or deploy failed
 """
 
 MATRIX = "Matrix"
 DEPLOY = "Deploy (GPU-based: one endpoint per GPU type)"
 LEGACY = "Legacy (one endpoint per model x GPU)"
 OUTPUT = "Output and configuration"
+OPERATE = "Operate deployed apps"
 LOCAL = "Local gateway"
 
 cli = typer.Typer(
@@ -369,6 +374,27 @@ def main(
     allow_unauthenticated: Annotated[bool, typer.Option(
         "--allow-unauthenticated", help="Serve without VLLM_API_KEY (anyone who reaches the "
         "port can use it).", rich_help_panel=LOCAL)] = False,
+    url: Annotated[str | None, typer.Option(
+        "--url", metavar="KEY", help="Print the deployed endpoint URL of a GPU or legacy key, "
+        "alone on stdout.", rich_help_panel=OPERATE)] = None,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Every app of the matrix: deployed or not, URL, running containers "
+        "per model pool.", rich_help_panel=OPERATE)] = False,
+    stop: Annotated[str | None, typer.Option(
+        "--stop", metavar="KEY|all", help="Stop a deployed app (GPU or legacy key), or every "
+        "app of the matrix.", rich_help_panel=OPERATE)] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="With --stop: do not ask for confirmation.",
+        rich_help_panel=OPERATE)] = False,
+    ignore_endpoint_limit: Annotated[bool, typer.Option(
+        "--ignore-endpoint-limit", help="With --model: deploy even past Modal's Starter limit "
+        "of 8 web endpoints (for plans that allow more).", rich_help_panel=LEGACY)] = False,
+    environment: Annotated[str | None, typer.Option(
+        "--env", "--environment", metavar="NAME", envvar="MODAL_ENVIRONMENT",
+        help="Modal environment to deploy to and look in (default: your profile's).",
+        rich_help_panel=OUTPUT)] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="On errors, show the traceback too.", rich_help_panel=OUTPUT)] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print machine-readable JSON instead of tables.",
         rich_help_panel=OUTPUT)] = False,
@@ -376,9 +402,11 @@ def main(
         "--config", metavar="PATH", help="Matrix file to read.", envvar="MODAL_VLLM_CONFIG",
         rich_help_panel=OUTPUT)] = config.DEFAULT_PATH,
 ) -> None:
-    actions = _actions(list=list_, gpu=gpu, all=all_, model=model, serve_local=serve_local)
+    actions = _actions(list=list_, gpu=gpu, all=all_, model=model, serve_local=serve_local,
+                       url=url, status=status, stop=stop)
     if len(actions) != 1:
-        what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU"
+        what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
+                "or operate: --url KEY, --status, --stop KEY"
                 if not actions else f"choose one of {', '.join(actions)}")
         raise typer.BadParameter(what, param_hint="action")
     try:
@@ -389,6 +417,13 @@ def main(
             if dry_run:
                 raise config.UsageError("--dry-run goes with --gpu, --all or --model")
             return _print_json(matrix_data(matrix)) if as_json else show_matrix(matrix)
+        if url or status or stop:
+            if dry_run:
+                raise config.UsageError("--dry-run goes with --gpu, --all or --model")
+            import cloud
+
+            return cloud.operate(matrix, url=url, status=status, stop=stop, yes=yes,
+                                 as_json=as_json, environment=environment)
         import plan
 
         if gpu:
@@ -399,9 +434,15 @@ def main(
             apps = [plan.legacy_app(matrix, model)]
         if dry_run:
             return _print_json(plan_data(matrix, apps)) if as_json else show_plan(matrix, apps)
-        raise config.UserError("deploying needs the cloud operations (not built yet); "
-                               "use --dry-run to see what would be deployed")
+        import cloud
+
+        return cloud.deploy_command(matrix, apps, environment=environment,
+                                    ignore_endpoint_limit=ignore_endpoint_limit, verbose=verbose)
     except config.UserError as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         raise _fail(exc) from None
 
 
