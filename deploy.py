@@ -52,7 +52,7 @@ cli = typer.Typer(
 #
 # typer 0.29 coerces every option that is not a bool flag through a pydantic
 # TypeAdapter, and importing pydantic costs ~200 ms: more than all the rest of
-# `--list`. Options typed plainly (str, Path, int, float, bool or a list of one
+# `--list`. Options typed plainly (str, Path, int, float, bool, or a list or tuple
 # of them, with no parser, bounds or path checks) need none of it, so they are
 # coerced here and anything else still goes to typer. typer is pinned; if its internals move, this does
 # nothing and only speed is lost (tests/test_cli_matrix.py would notice).
@@ -78,17 +78,16 @@ def _coerce_plain_options_without_pydantic() -> None:
         return
     converters = {str: str, Path: Path, int: int, float: float, bool: _to_bool}
 
-    def item_type(annotation):
-        """`str` for str, and for list[str] (a repeatable option); None if not plain."""
-        if typing.get_origin(annotation) is list:
-            (annotation,) = typing.get_args(annotation) or (None,)
-        return annotation if annotation in converters else None
+    def item_types(annotation) -> tuple | None:
+        """(str,) for str, for list[str] (a repeatable option) and (str, Path) for
+        tuple[str, Path] (one option, several values); None if not all plain."""
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        kinds = args[:1] if origin is list else args if origin is tuple else (annotation,)
+        return kinds if kinds and all(k in converters for k in kinds) else None
 
     class PlainParam(RuntimeParam):
         def _coerce_value(self, value, param, ctx):
-            kind = item_type(self.annotation)
-
-            def convert(item):
+            def convert(kind, item):
                 if type(item) is kind:
                     return item
                 try:
@@ -98,15 +97,21 @@ def _coerce_plain_options_without_pydantic() -> None:
                         f"{item!r} is not a valid {kind.__name__}", ctx=ctx, param=param
                     ) from None
 
-            if typing.get_origin(self.annotation) is list:
-                return [convert(item) for item in
-                        (value if isinstance(value, (list, tuple)) else [value])]
-            return convert(value)
+            kinds, origin = item_types(self.annotation), typing.get_origin(self.annotation)
+            if origin is list:
+                items = value if isinstance(value, (list, tuple)) else [value]
+                return [convert(kinds[0], item) for item in items]
+            if origin is tuple:
+                if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+                    raise typer.BadParameter(f"{len(kinds)} values are required",
+                                             ctx=ctx, param=param)
+                return tuple(convert(k, item) for k, item in zip(kinds, value, strict=True))
+            return convert(kinds[0], value)
 
     def build_runtime_param(descriptor):
         info = descriptor.parameter_info
         plain = (
-            item_type(descriptor.annotation) is not None
+            item_types(descriptor.annotation) is not None
             and descriptor.file_annotation is None
             and info.parser is None and info.min is None and info.max is None
             and not (info.exists or info.resolve_path or info.writable or info.allow_dash)
