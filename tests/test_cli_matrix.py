@@ -340,19 +340,21 @@ def test_plain_options_keep_typer_semantics():
 
     @app.command()
     def main(name: str = "x", count: int = 1, ratio: float = 0.5, path: Path = Path("a"),
-             tag: list[str] | None = None, flag: bool = False, maybe: str | None = None):
+             tag: list[str] | None = None, flag: bool = False, maybe: str | None = None,
+             pair: tuple[str, Path] | None = None):
         seen.update(name=name, count=count, ratio=ratio, path=path, tag=tag, flag=flag,
-                    maybe=maybe)
+                    maybe=maybe, pair=pair)
 
     args = ["--name", "n", "--count", "3", "--ratio", "0.25", "--path", "b/c",
-            "--tag", "t1", "--tag", "t2", "--flag"]
+            "--tag", "t1", "--tag", "t2", "--flag", "--pair", "p", "d/e"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen == {"name": "n", "count": 3, "ratio": 0.25, "path": Path("b/c"),
-                    "tag": ["t1", "t2"], "flag": True, "maybe": None}
+                    "tag": ["t1", "t2"], "flag": True, "maybe": None, "pair": ("p", Path("d/e"))}
     result = CliRunner().invoke(app, [])
     assert result.exit_code == 0, result.output
     assert seen["tag"] is None and seen["count"] == 1 and seen["path"] == Path("a")
+    assert seen["pair"] is None
     result = CliRunner().invoke(app, ["--count", "three"], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--count': 'three' is not a valid int" in result.output
