@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 DEFAULT_PATH = Path(__file__).with_name("models.yaml")
 GIB = 1024**3
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "fp8": 1}
 STARTER_PLAN_ENDPOINT_LIMIT = 8  # web endpoints a Modal Starter workspace may deploy
 
@@ -114,6 +115,16 @@ class Vision:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Adapter:
+    """A LoRA adapter served next to its base model, chosen per request by its name."""
+
+    __pydantic_config__ = _STRICT
+    name: str
+    rank: PositiveInt
+    path: str  # inside the adapters Volume, e.g. qwen3-vl-30b/python
+
+
+@dataclass(frozen=True, kw_only=True)
 class Model:
     __pydantic_config__ = _STRICT
     key: str = ""  # filled from the mapping key
@@ -136,6 +147,31 @@ class Model:
     snapshot: bool = False
     gpus: tuple[str, ...] | None = None  # None: every GPU of the matrix
     extra_args: tuple[str, ...] = ()
+    adapters: tuple[Adapter, ...] = ()
+    max_loras: PositiveInt | None = None  # adapters held on the GPU at once; default: all
+    hidden_size: PositiveInt | None = None  # these two size LoRA buffers (needed with adapters)
+    intermediate_size: PositiveInt | None = None  # MoE: all experts' MLP width together
+
+    @property
+    def lora_rank(self) -> int:
+        """vLLM's --max-lora-rank: the smallest rank it accepts that holds every adapter."""
+        top = max((a.rank for a in self.adapters), default=0)
+        return next((r for r in LORA_RANKS if r >= top), 0) if self.adapters else 0
+
+    @property
+    def loras_on_gpu(self) -> int:
+        return (self.max_loras or len(self.adapters)) if self.adapters else 0
+
+    @property
+    def lora_bytes(self) -> int:
+        """GPU memory vLLM reserves for LoRA weights: A (in x r) and B (r x out), bf16,
+        for q, k, v, o, gate, up and down in every layer, for each adapter slot."""
+        if not self.adapters:
+            return 0
+        hidden, mlp = self.hidden_size or 0, self.intermediate_size or 0
+        q, kv = self.attention_heads * self.head_dim, self.kv_heads * self.head_dim
+        in_plus_out = (hidden + q) * 2 + (hidden + kv) * 2 + (hidden + mlp) * 3
+        return self.loras_on_gpu * self.lora_rank * 2 * self.layers * in_plus_out
 
     @property
     def aliases(self) -> list[str]:
@@ -206,11 +242,13 @@ def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults) -> Fit:
              + overhead_gib_per_gpu x 2**30 x count
              + full-attention KV: 2 x (layers - sliding layers) x kv_heads x head_dim x 2 bytes
                x max_model_len
+             + LoRA slots, with adapters (Model.lora_bytes): max_loras x max rank x 2 bytes
+               x layers x (in + out of q, k, v, o, gate, up, down)
     A size is tried only if it divides the attention heads (vLLM splits heads over GPUs).
     kv_tokens = (budget - weights - sliding KV - overhead) // full-attention KV bytes per token.
     """
     per_gpu_budget = gpu.vram_gb * 1e9 * defaults.gpu_memory_utilization
-    fixed = model.weight_bytes + sliding_kv_bytes(model)
+    fixed = model.weight_bytes + sliding_kv_bytes(model) + model.lora_bytes
     per_token = kv_bytes_per_token(model)
     sizes = [c for c in TENSOR_PARALLEL_SIZES if c <= gpu.max_count]
     usable = [c for c in sizes if model.attention_heads % c == 0]
@@ -234,6 +272,19 @@ def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults) -> Fit:
 
 
 # ## The matrix and its names
+
+
+def find_adapter(models, name: str) -> tuple[Model, Adapter] | None:
+    """An adapter by its name or as `<base model>:<adapter>` (any of the base's names)."""
+    wanted = name.strip().lower()
+    base, _, adapter_name = wanted.rpartition(":")
+    for model in models:
+        if base and base not in (alias.lower() for alias in model.aliases):
+            continue
+        for adapter in model.adapters:
+            if adapter.name.lower() == (adapter_name if base else wanted):
+                return model, adapter
+    return None
 
 
 def gpu_app_name(gpu_key: str) -> str:
@@ -395,11 +446,42 @@ def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
                 problems.append(f"{at}: name '{alias}' collides with model '{owner[alias]}' "
                                 "(names are matched without regard to case)")
             owner.setdefault(alias, key)
+        problems += _adapter_problems(at, key, model, owner)
         for gpu_key in parsed.gpus:
             base = key.removesuffix(f"-{gpu_key}")
             if base != key and base in parsed.models:
                 problems.append(f"{at}: key reads as model '{base}' on GPU '{gpu_key}'; "
                                 "rename it so legacy keys stay unambiguous")
+    return problems
+
+
+def _adapter_problems(at: str, key: str, model: Model, owner: dict[str, str]) -> list[str]:
+    """Adapter names share the model namespace: a request's `model` may name either."""
+    problems = []
+    name_pattern = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    if model.adapters and not (model.hidden_size and model.intermediate_size):
+        problems.append(f"{at}: hidden_size and intermediate_size are required with adapters "
+                        "(they size vLLM's LoRA buffers in the fit check)")
+    for i, adapter in enumerate(model.adapters):
+        here = f"{at}.adapters.{i}"
+        if not name_pattern.match(adapter.name):
+            problems.append(f"{here}.name: '{adapter.name}' must be letters, digits, '.', '_' "
+                            "and '-' (no ':', '=' or '/')")
+        if adapter.rank > LORA_RANKS[-1]:
+            problems.append(f"{here}.rank: {adapter.rank} is above vLLM's largest LoRA rank "
+                            f"({LORA_RANKS[-1]})")
+        parts = adapter.path.split("/")
+        if adapter.path.startswith("/") or ".." in parts or not all(parts):
+            problems.append(f"{here}.path: '{adapter.path}' must be a relative path inside the "
+                            "adapters volume, without '..'")
+        alias = adapter.name.lower()
+        if alias in owner:
+            problems.append(f"{here}.name: '{adapter.name}' collides with '{owner[alias]}' "
+                            "(names are matched without regard to case)")
+        owner.setdefault(alias, f"{key}:{adapter.name}")
+    if model.max_loras and model.max_loras > len(model.adapters):
+        problems.append(f"{at}.max_loras: {model.max_loras} is more than its "
+                        f"{len(model.adapters)} adapter(s)")
     return problems
 
 

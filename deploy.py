@@ -39,6 +39,8 @@ LEGACY = "Legacy (one endpoint per model x GPU)"
 OUTPUT = "Output and configuration"
 OPERATE = "Operate deployed apps"
 LOCAL = "Local gateway"
+TEST = "Test and benchmark"
+ADAPTERS = "LoRA adapters"
 
 cli = typer.Typer(
     add_completion=False,
@@ -265,7 +267,8 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
             "endpoint": app.url_pattern,
             "web_function": plan.WEB_FUNCTION,
             "secrets": app.secrets,
-            "volumes": plan.VOLUMES,
+            "volumes": {at: name for p in app.pools for at, name in p.volumes.items()}
+            or dict(plan.VOLUMES),
             "vllm_version": defaults.vllm_version,
             "pools": [
                 {
@@ -276,6 +279,7 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
                     "command": p.argv,
                     "secrets": p.secrets,
                     "snapshot": p.snapshot,
+                    "adapters": [a.name for a in p.model.adapters],
                     "scaledown_window_seconds": defaults.scaledown_window_seconds,
                     "max_concurrent_inputs": defaults.max_concurrent_inputs,
                     "max_replicas": defaults.max_replicas,
@@ -341,6 +345,65 @@ def _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticate
                         allow_unauthenticated=allow_unauthenticated)
 
 
+# ## --test-gpu, --test, --warm, --bench (the work is in checks.py and bench.py)
+
+LOAD_OPTIONS = ("concurrency", "requests", "input_len", "output_len")
+BENCH_OPTIONS = (*LOAD_OPTIONS, "max_ttft_ms", "max_tpot_ms", "results_dir")
+
+
+def _test_and_bench(matrix, *, test_gpu, test, warm, bench, dry_run, as_json, environment,
+                    **options) -> None:
+    import os
+
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+    if not (test_gpu or test or warm or bench):
+        raise config.UsageError(f"{', '.join(given)}: go with --test-gpu, --test, --warm or "
+                                "--bench")
+    if dry_run:
+        raise config.UsageError("--dry-run goes with --gpu, --all or --model")
+    if options["keep_warm"] is not None and not warm:
+        raise config.UsageError("--keep-warm goes with --warm")
+    if not bench and (wrong := [f"--{k.replace('_', '-')}" for k in BENCH_OPTIONS
+                                if options[k] is not None]):
+        raise config.UsageError(f"{', '.join(wrong)}: go with --bench")
+    import checks
+    import plan
+
+    if test:
+        app = plan.legacy_app(matrix, test)
+    elif test_gpu:
+        app = plan.gpu_app(matrix, test_gpu)
+    else:
+        app = plan.app_for_key(matrix, warm or bench)
+    deadline = options["deadline"]
+    target = checks.resolve_target(
+        matrix, app, test_model=options["test_model"], base_url=options["base_url"],
+        api_key=options["api_key"] or os.environ.get("VLLM_API_KEY") or None,
+        deadline_s=config.parse_duration(deadline) if deadline else None,
+        environment=environment)
+    if test_gpu or test:
+        if not target.api_key:
+            raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
+                                    "VLLM_API_KEY")
+        code = checks.run_conformance(target, as_json=as_json)
+    elif warm:
+        keep = options["keep_warm"]
+        code = checks.warm_endpoint(
+            target, keep_warm_s=config.parse_duration(keep) if keep else None,
+            scaledown_window_s=matrix.defaults.scaledown_window_seconds, as_json=as_json)
+    else:
+        import bench as benchmark
+
+        load = {k: options[k] for k in LOAD_OPTIONS if options[k] is not None}
+        code = benchmark.run_bench(
+            target, benchmark.Settings(**load),
+            results_dir=options["results_dir"] or benchmark.DEFAULT_RESULTS_DIR,
+            max_ttft_ms=options["max_ttft_ms"], max_tpot_ms=options["max_tpot_ms"],
+            as_json=as_json)
+    if code:
+        raise typer.Exit(code)
+
+
 # ## The command
 
 
@@ -400,6 +463,66 @@ def main(
         rich_help_panel=OUTPUT)] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="On errors, show the traceback too.", rich_help_panel=OUTPUT)] = False,
+    test_gpu: Annotated[str | None, typer.Option(
+        "--test-gpu", metavar="KEY", help="Run the conformance suite against a GPU app's "
+        "endpoint: auth, models, chat, completions, streaming, every structured-output form.",
+        rich_help_panel=TEST)] = None,
+    test: Annotated[str | None, typer.Option(
+        "--test", metavar="MODEL-GPU", help="Run the conformance suite against a legacy app "
+        "(e.g. gemma-3-12b-l40s).", rich_help_panel=TEST)] = None,
+    warm: Annotated[str | None, typer.Option(
+        "--warm", metavar="KEY", help="Wake every model of an app in parallel with a real "
+        "one-token completion; report each one's time to first success.",
+        rich_help_panel=TEST)] = None,
+    bench: Annotated[str | None, typer.Option(
+        "--bench", metavar="KEY", help="Benchmark one model (--test-model) on an app: TTFT, "
+        "TPOT, ITL, E2EL, throughput, $ per million output tokens; ranks saved runs by cost.",
+        rich_help_panel=TEST)] = None,
+    test_model: Annotated[str | None, typer.Option(
+        "--test-model", metavar="NAME", help="Only this model of the app.",
+        rich_help_panel=TEST)] = None,
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", metavar="URL", help="Test, warm or benchmark this endpoint instead of "
+        "looking the app's URL up on Modal.", rich_help_panel=TEST)] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", metavar="KEY", help="Bearer key of the endpoint (default: $VLLM_API_KEY); "
+        "never printed.", rich_help_panel=TEST, show_default=False)] = None,
+    deadline: Annotated[str | None, typer.Option(
+        "--deadline", metavar="DURATION", help="How long to wait through cold starts "
+        "(e.g. 90s, 15m) \\[default: 15m].", rich_help_panel=TEST)] = None,
+    keep_warm: Annotated[str | None, typer.Option(
+        "--keep-warm", metavar="DURATION", help="With --warm: keep pinging (well inside the "
+        "scaledown window) for this long, e.g. 2h; prints what it costs per hour.",
+        rich_help_panel=TEST)] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", metavar="N", help="With --bench: requests in flight \\[default: 16].",
+        rich_help_panel=TEST)] = None,
+    requests: Annotated[int | None, typer.Option(
+        "--requests", metavar="N", help="With --bench: requests in the run \\[default: 128].",
+        rich_help_panel=TEST)] = None,
+    input_len: Annotated[int | None, typer.Option(
+        "--input-len", metavar="N", help="With --bench: prompt words, about as many tokens "
+        "\\[default: 1024].", rich_help_panel=TEST)] = None,
+    output_len: Annotated[int | None, typer.Option(
+        "--output-len", metavar="N", help="With --bench: output tokens per request "
+        "\\[default: 128].", rich_help_panel=TEST)] = None,
+    max_ttft_ms: Annotated[float | None, typer.Option(
+        "--max-ttft-ms", metavar="MS", help="With --bench: rank only GPUs whose p99 TTFT is "
+        "within this first.", rich_help_panel=TEST)] = None,
+    max_tpot_ms: Annotated[float | None, typer.Option(
+        "--max-tpot-ms", metavar="MS", help="With --bench: rank only GPUs whose p99 TPOT is "
+        "within this first.", rich_help_panel=TEST)] = None,
+    results_dir: Annotated[Path | None, typer.Option(
+        "--results-dir", metavar="PATH", help="With --bench: where runs are saved and compared "
+        "\\[default: results].", rich_help_panel=TEST)] = None,
+    upload_adapter: Annotated[tuple[str, str, Path] | None, typer.Option(
+        "--upload-adapter", metavar="MODEL NAME DIR", help="Check a LoRA adapter directory "
+        "(adapter_config.json, base model, rank, weights) and upload it to the adapters Volume; "
+        "NAME must be declared under the model's adapters in models.yaml.",
+        rich_help_panel=ADAPTERS, show_default=False)] = None,
+    redeploy: Annotated[bool, typer.Option(
+        "--redeploy", help="With --upload-adapter: redeploy the deployed apps that serve the "
+        "model, so new replicas load it.", rich_help_panel=ADAPTERS)] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print machine-readable JSON instead of tables.",
         rich_help_panel=OUTPUT)] = False,
@@ -408,16 +531,35 @@ def main(
         rich_help_panel=OUTPUT)] = config.DEFAULT_PATH,
 ) -> None:
     actions = _actions(list=list_, gpu=gpu, all=all_, model=model, serve_local=serve_local,
-                       url=url, status=status, stop=stop)
+                       url=url, status=status, stop=stop, test_gpu=test_gpu, test=test,
+                       warm=warm, bench=bench, upload_adapter=upload_adapter)
     if len(actions) != 1:
         what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
-                "or operate: --url KEY, --status, --stop KEY"
+                "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
+                "--test MODEL-GPU, --warm KEY, --bench KEY"
                 if not actions else f"choose one of {', '.join(actions)}")
         raise typer.BadParameter(what, param_hint="action")
     try:
         matrix = config.load(config_path)
         if serve_local or upstream or allow_unauthenticated:
             return _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticated)
+        endpoint_options = {
+            "test_model": test_model, "base_url": base_url, "api_key": api_key,
+            "deadline": deadline, "keep_warm": keep_warm, "concurrency": concurrency,
+            "requests": requests, "input_len": input_len, "output_len": output_len,
+            "max_ttft_ms": max_ttft_ms, "max_tpot_ms": max_tpot_ms, "results_dir": results_dir}
+        if test_gpu or test or warm or bench or any(
+                v is not None for v in endpoint_options.values()):
+            return _test_and_bench(matrix, test_gpu=test_gpu, test=test, warm=warm, bench=bench,
+                                   dry_run=dry_run, as_json=as_json, environment=environment,
+                                   **endpoint_options)
+        if upload_adapter or redeploy:
+            if not upload_adapter:
+                raise config.UsageError("--redeploy goes with --upload-adapter MODEL NAME DIR")
+            import adapters
+
+            return adapters.upload_command(matrix, *upload_adapter, redeploy=redeploy,
+                                           environment=environment, verbose=verbose)
         if list_:
             if dry_run:
                 raise config.UsageError("--dry-run goes with --gpu, --all or --model")

@@ -20,6 +20,7 @@ import config
 
 HOST = "127.0.0.1"  # vLLM is never reachable from outside its container: the gateway is
 PORT = 8000
+ADAPTERS_MOUNT = "/adapters"  # where the LoRA adapters Volume is mounted in a GPU pool
 LOG_TAIL_LINES = 40
 
 
@@ -46,6 +47,10 @@ def engine_argv(fit: config.Fit, defaults: config.Defaults, *, port: int = PORT,
     if model.vision:
         limits = {"image": model.vision.images, "video": model.vision.videos}
         argv += ["--limit-mm-per-prompt", json.dumps(limits, separators=(",", ":"))]
+    if model.adapters:  # served under their own names; the base model stays servable too
+        argv += ["--enable-lora", "--max-lora-rank", str(model.lora_rank),
+                 "--max-loras", str(model.loras_on_gpu), "--lora-modules",
+                 *(f"{a.name}={ADAPTERS_MOUNT}/{a.path}" for a in model.adapters)]
     if defaults.fast_boot:
         argv += ["--enforce-eager"]  # no CUDA-graph capture: a faster cold start
     if sleep_mode:

@@ -76,10 +76,10 @@ def router_image(matrix: config.Matrix, env: dict[str, str], modules: tuple[str,
     return _with_project(image, matrix, env, modules)
 
 
-def volumes() -> dict[str, modal.Volume]:
-    """Weights download once per workspace; vLLM's compile artifacts are reused."""
+def volumes(pool: plan.Pool) -> dict[str, modal.Volume]:
+    """Weights download once per workspace; compile artifacts are reused; adapters are read."""
     return {at: modal.Volume.from_name(name, create_if_missing=True)
-            for at, name in plan.VOLUMES.items()}
+            for at, name in pool.volumes.items()}
 
 
 def secrets(names: list[str]) -> list[modal.Secret]:
@@ -212,16 +212,16 @@ def pool_class(pool: plan.Pool, gpu_key: str, module: str, base: type = EnginePo
 
 def gpu_class_options(pool: plan.Pool, defaults: config.Defaults, image: modal.Image) -> dict:
     """The `app.cls` arguments of one model's GPU pool, each answering one question."""
-    options = dict(
-        image=image,
-        gpu=pool.fit.gpu_string,  # which GPUs, and how many (the fit check decides)
-        volumes=volumes(),  # where weights and compile caches persist
-        secrets=secrets(pool.secrets),  # HF_TOKEN for gated models
-        scaledown_window=defaults.scaledown_window_seconds,  # how long to idle before stopping?
-        max_containers=defaults.max_replicas,  # how many replicas at most (a cost guard)?
-        startup_timeout=defaults.startup_timeout_seconds,  # how long may a cold start take?
-        timeout=defaults.request_timeout_seconds,  # how long may one request run?
-    )
+    options = {
+        "image": image,
+        "gpu": pool.fit.gpu_string,  # which GPUs, and how many (the fit check decides)
+        "volumes": volumes(pool),  # where weights, compile caches and adapters persist
+        "secrets": secrets(pool.secrets),  # HF_TOKEN for gated models
+        "scaledown_window": defaults.scaledown_window_seconds,  # idle how long before stopping?
+        "max_containers": defaults.max_replicas,  # how many replicas at most (a cost guard)?
+        "startup_timeout": defaults.startup_timeout_seconds,  # how long may a cold start take?
+        "timeout": defaults.request_timeout_seconds,  # how long may one request run?
+    }
     if pool.snapshot:
         options.update(enable_memory_snapshot=True,
                        experimental_options={"enable_gpu_snapshot": True})
@@ -259,7 +259,7 @@ class ModalBackend:
     async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
         try:
             status, payload = await self._pool(model).request.remote.aio(path, body)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP error
+        except Exception as exc:  # every failure becomes an HTTP error
             raise _pool_failure(exc) from exc
         return status, payload
 
@@ -274,12 +274,12 @@ class ModalBackend:
                 raise BackendError(status, error["error"]["message"])
         except BackendError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _pool_failure(exc) from exc
         try:
             async for chunk in chunks:
                 yield chunk
-        except Exception as exc:  # noqa: BLE001 - the gateway ends the stream with an error event
+        except Exception as exc:  # the gateway ends the stream with an error event
             raise BackendError(502, f"model pool failed mid-stream: {exc}") from exc
 
 

@@ -22,6 +22,7 @@ VOLUMES = {
     "/root/.cache/huggingface": "huggingface-cache",
     "/root/.cache/vllm": "vllm-cache",
 }
+ADAPTERS_VOLUME = "vllm-lora-adapters"  # LoRA adapters, uploaded by deploy.py --upload-adapter
 WEB_FUNCTION = "serve"  # the one web endpoint of every app; its name is in the URL
 
 
@@ -37,6 +38,13 @@ class Pool:
     @property
     def model(self) -> config.Model:
         return self.fit.model
+
+    @property
+    def volumes(self) -> dict[str, str]:
+        """Mount point -> Volume name; the adapters Volume only where adapters are served."""
+        if not self.model.adapters:
+            return dict(VOLUMES)
+        return {**VOLUMES, engine.ADAPTERS_MOUNT: ADAPTERS_VOLUME}
 
     def idle_tail_usd(self, defaults: config.Defaults) -> float:
         """What the scaledown window costs after each burst of use: a replica idling."""

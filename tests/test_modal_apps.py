@@ -142,7 +142,7 @@ CONTAINER_IMPORT = textwrap.dedent("""
 
 
 def run_python(code: str, *args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=120)
 
 
