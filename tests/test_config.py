@@ -605,3 +605,12 @@ def test_a_model_restricted_to_some_gpus(big):
     assert big.fit(model, big.gpus["h100"]).fits
     fit = big.fit(model, big.gpus["l40s"])
     assert (fit.fits, fit.reason) == (False, "l40s not in the model's gpus")
+
+
+def test_the_readme_example_entry_is_a_valid_model(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### Adding a model", 1)[1].split("```yaml\n", 1)[1].split("```")[0]
+    entry = block.split("models:\n", 1)[1]
+    matrix = config.load(write(tmp_path, (ROOT / "models.yaml").read_text() + entry))
+    (key,) = set(matrix.models) - {"gemma-3-12b", "gemma-3-27b", "qwen3-vl-30b"}
+    assert all(matrix.fit(matrix.models[key], gpu).fits for gpu in matrix.gpus.values())
