@@ -1,0 +1,347 @@
+"""The conformance suite and the warm-up (`--test-gpu`, `--test`, `--warm`), run through the
+CLI against the real gateway in front of stand-in vLLM servers on loopback: one that
+honours every constraint, one that ignores them, one slow to start, one that breaks
+streams off, one that rejects the gateway's key. Plus the retrying client and the
+client-side verifiers on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+from servers import ROOT_DIR, ProcessServer, ThreadServer, free_port
+from standin import StandIn, from_grammar
+from typer.testing import CliRunner
+
+import checks
+import config
+import deploy
+import gateway
+
+KEY = "sk-checks-test-key-0123456789"
+H100_MODELS = ["gemma-3-12b", "gemma-3-27b", "qwen3-vl-30b"]
+STRUCTURED = [name for name in checks.MODEL_CHECKS if name.startswith("structured.")]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        return config.load()
+
+
+def standin(**behaviour) -> StandIn:
+    """A stand-in serving every model of the matrix under its served name."""
+    return StandIn(["google/gemma-3-12b-it", "google/gemma-3-27b-it",
+                    "Qwen/Qwen3-VL-30B-A3B-Instruct"], **behaviour)
+
+
+@contextmanager
+def gateway_before(matrix, upstream: StandIn, models=H100_MODELS):
+    """The gateway (as --serve-local builds it) in a thread, in front of a stand-in thread."""
+    with ThreadServer(upstream) as up:
+        served = [matrix.models[k] for k in models]
+        backend = gateway.HTTPBackend({m.key: up.url for m in served})
+        app = gateway.build_app(served, backend, api_key=KEY)
+        with ThreadServer(app) as gw:
+            yield gw.url
+
+
+def run(*args: str, env: dict | None = None):
+    return CliRunner().invoke(deploy.cli, list(args), env={"COLUMNS": "200", **(env or {})})
+
+
+def suite(url: str, *args: str, key: str = KEY, expect: int = 0) -> dict:
+    result = run("--test-gpu", "h100", "--base-url", url, "--api-key", key, "--json", *args)
+    assert result.exit_code == expect, result.output
+    return json.loads(result.stdout)
+
+
+def failed(report: dict) -> set[tuple[str, str]]:
+    return {(c["check"], c["model"]) for c in report["checks"] if not c["passed"]}
+
+
+def reasons(report: dict, check: str) -> list[str]:
+    return [c["reason"] for c in report["checks"] if c["check"] == check]
+
+
+# ## Through the real `deploy.py --serve-local`: every check passes
+
+
+def test_a_conforming_endpoint_passes_every_check(tmp_path):
+    port = free_port()
+    env = {**os.environ, "VLLM_API_KEY": KEY}
+    with ThreadServer(standin()) as up, \
+            ProcessServer([sys.executable, "deploy.py", "--serve-local", "--port", str(port),
+                           "--upstream", up.url], port, env=env, cwd=ROOT_DIR,
+                          log=(tmp_path / "gateway.log").open("w")):
+        url = f"http://127.0.0.1:{port}/v1"  # a /v1 suffix is what users copy; it is dropped
+        report = suite(url)
+        table = run("--test-gpu", "h100", "--base-url", url, env={"VLLM_API_KEY": KEY})
+    assert report["passed"] is True and failed(report) == set()
+    assert report["endpoint"] == f"http://127.0.0.1:{port}" and report["app"] == "vllm-h100"
+    names = [(c["check"], c["model"]) for c in report["checks"]]
+    assert names[:4] == [("health", ""), ("auth.no-key", ""), ("auth.wrong-key", ""),
+                         ("models", "")]
+    assert sorted(names[4:]) == sorted((c, m) for m in H100_MODELS for c in checks.MODEL_CHECKS)
+    assert all(c["latency_s"] is not None and c["latency_s"] < 5 for c in report["checks"])
+    assert set(report["cold_start_s"]) == {"endpoint", *H100_MODELS}
+    assert table.exit_code == 0, table.output
+    assert "All 34 checks passed." in table.stdout
+    assert "structured.grammar" in table.stdout and "PASS" in table.stdout
+    assert KEY not in table.output and "(key sk-…6789)" in table.stdout
+
+
+# ## Failures the suite must name
+
+
+def test_ignored_constraints_fail_each_structured_check(matrix):
+    with gateway_before(matrix, standin(honour_constraints=False)) as url:
+        report = suite(url, expect=1)
+        table = run("--test-gpu", "h100", "--base-url", url, "--api-key", KEY)
+    assert failed(report) == {(c, m) for c in STRUCTURED for m in H100_MODELS}
+    by_check = {c["check"]: c["reason"] for c in report["checks"] if c["model"] == "gemma-3-12b"}
+    assert by_check["structured.json_object"].startswith("not JSON; got 'This is the stand-in")
+    assert by_check["structured.json_schema"].startswith("not JSON")
+    assert by_check["structured.regex"].startswith(r"does not fully match \w+@\w+\.com; got")
+    assert by_check["structured.choice"].startswith("not one of Positive, Negative, Neutral")
+    assert by_check["structured.grammar"].startswith("not in the grammar's language")
+    assert by_check["structured.completion_json"].startswith("not JSON")
+    assert table.exit_code == 1
+    assert "FAILED 18 of 34 checks: structured.json_object (gemma-3-12b)" in table.stdout
+
+
+def test_a_cold_start_is_waited_for_and_reported_apart_from_latency(matrix):
+    with gateway_before(matrix, standin(ready_after=1.5)) as url:
+        report = suite(url, "--deadline", "60s", "--test-model", "gemma-3-27b")
+    assert report["passed"] is True
+    assert report["cold_start_s"]["endpoint"] < 0.5  # the gateway's /health answers at once
+    assert report["cold_start_s"]["gemma-3-27b"] >= 1.0
+    chat = next(c for c in report["checks"] if c["check"] == "chat")
+    assert chat["waited_s"] >= 1.0 and chat["latency_s"] < 0.5  # the wait is not latency
+
+
+def test_an_endpoint_still_starting_at_the_deadline_fails_with_the_reason(matrix):
+    with gateway_before(matrix, standin(ready_after=60)) as url:
+        started = time.monotonic()
+        report = suite(url, "--deadline", "1s", "--test-model", "gemma-3-12b", expect=1)
+    assert time.monotonic() - started < 15
+    assert failed(report) == {(c, "gemma-3-12b") for c in checks.MODEL_CHECKS}
+    (chat,) = reasons(report, "chat")
+    assert chat.startswith("not ready: no answer within the deadline (1 s)")
+    assert "last: HTTP 503: backend for 'google/gemma-3-12b-it' is starting" in chat
+
+
+def test_a_stream_broken_off_fails_the_stream_check_only(matrix):
+    with gateway_before(matrix, standin(break_after=2)) as url:
+        report = suite(url, expect=1)
+    assert failed(report) == {("chat.stream", m) for m in H100_MODELS}
+    assert reasons(report, "chat.stream")[0].startswith(
+        "the stream broke off after 2 chunk(s) with an error event: backend for")
+
+
+def test_a_wrong_key_fails_the_listing_and_skips_the_model_checks(matrix):
+    with gateway_before(matrix, standin()) as url:
+        result = run("--test-gpu", "h100", "--base-url", url, "--api-key", "sk-not-the-key-42",
+                     "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert failed(report) == {("models", ""), *(("(model checks)", m) for m in H100_MODELS)}
+    assert reasons(report, "models") == [
+        "the endpoint rejected the API key: HTTP 401: invalid API key"]
+    assert "sk-not-the-key-42" not in result.output
+
+
+def test_a_backend_that_rejects_the_gateways_key_fails_fast(matrix):
+    with gateway_before(matrix, standin(api_key="only-for-the-upstream")) as url:
+        started = time.monotonic()
+        report = suite(url, "--test-model", "gemma-3-12b", "--deadline", "10m", expect=1)
+    assert time.monotonic() - started < 10  # a refused key is not a cold start: no waiting
+    assert ("chat", "gemma-3-12b") in failed(report)
+    assert reasons(report, "chat") == [
+        "POST /v1/chat/completions: HTTP 502: the backend refused the gateway's credentials"]
+    assert ("health", "") not in failed(report) and ("models", "") not in failed(report)
+
+
+def test_a_legacy_app_is_expected_to_serve_exactly_its_model(matrix):
+    with gateway_before(matrix, standin(), models=["gemma-3-12b"]) as url:
+        legacy = run("--test", "gemma-3-12b-h100", "--base-url", url, "--api-key", KEY, "--json")
+        gpu = suite(url, "--test-model", "gemma-3-12b", expect=1)
+    assert legacy.exit_code == 0, legacy.output
+    assert json.loads(legacy.stdout)["app"] == "vllm-gemma-3-12b-h100"
+    assert failed(gpu) == {("models", "")}
+    assert reasons(gpu, "models") == [
+        "missing google/gemma-3-27b-it, Qwen/Qwen3-VL-30B-A3B-Instruct"]
+
+
+def test_without_base_url_the_endpoint_is_looked_up_on_modal(matrix, monkeypatch):
+    calls = []
+    with gateway_before(matrix, standin()) as url:
+        def endpoint_url(matrix, key, environment=None):
+            calls.append((key, environment))
+            return url
+
+        monkeypatch.setitem(sys.modules, "cloud", type(sys)("cloud"))
+        sys.modules["cloud"].endpoint_url = endpoint_url
+        result = run("--test-gpu", "H100", "--test-model", "qwen3-vl-30b", "--json",
+                     env={"VLLM_API_KEY": KEY})
+        legacy = run("--warm", "gemma-3-12b-l40s", "--json", env={"VLLM_API_KEY": KEY})
+    assert result.exit_code == 0, result.output
+    assert legacy.exit_code == 0, legacy.output
+    assert calls == [("h100", None), ("gemma-3-12b-l40s", None)]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--test-gpu", "h100", "--keep-warm", "1m"], "--keep-warm goes with --warm"),
+    (["--warm", "h100", "--concurrency", "4"], "--concurrency: go with --bench"),
+    (["--list", "--base-url", "http://x"], "--base-url: go with --test-gpu, --test, --warm"),
+    (["--test-gpu", "h100", "--warm", "h100"], "choose one of --test-gpu, --warm"),
+    (["--test-gpu", "h100", "--base-url", "ftp://x"], "--base-url 'ftp://x': expected an"),
+    (["--test-gpu", "h100", "--base-url", "http://127.0.0.1:9"], "needs the endpoint's key"),
+    (["--test-gpu", "h100", "--test-model", "llama", "--base-url", "http://x"],
+     "unknown model 'llama'"),
+    (["--test", "gemma-3-12b-h100", "--test-model", "gemma-3-27b", "--base-url", "http://x"],
+     "vllm-gemma-3-12b-h100 does not serve 'gemma-3-27b'; it serves gemma-3-12b"),
+    (["--bench", "h100", "--base-url", "http://127.0.0.1:9"], "--bench needs --test-model NAME"),
+    (["--bench", "h100", "--test-model", "gemma-3-12b", "--requests", "0", "--base-url",
+      "http://127.0.0.1:9"], "--requests must be at least 1"),
+    (["--warm", "h100", "--deadline", "soon", "--base-url", "http://x"],
+     "cannot read duration 'soon'"),
+    (["--test-gpu", "h100", "--dry-run", "--base-url", "http://x"], "--dry-run goes with"),
+])
+def test_usage_errors_exit_2_before_any_request(args, message):
+    result = run(*args, env={"VLLM_API_KEY": ""})
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+# ## Warm-up
+
+
+def test_warm_wakes_every_model_and_keeps_them_warm_with_the_hourly_cost(matrix, tmp_path):
+    fast_scaledown = tmp_path / "models.yaml"  # a 3 s scaledown window: a ping every second
+    fast_scaledown.write_text(config.DEFAULT_PATH.read_text().replace(
+        "scaledown_window_seconds: 900", "scaledown_window_seconds: 3"))
+    upstream = standin(ready_after=1.0)
+    with gateway_before(matrix, upstream) as url:
+        result = run("--warm", "h100", "--base-url", url, "--api-key", KEY, "--keep-warm", "3s",
+                     "--config", str(fast_scaledown), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [w["model"] for w in report["models"]] == H100_MODELS
+    assert all(w["ok"] and w["ready_after_s"] >= 0.8 and w["attempts"] > 1
+               for w in report["models"])
+    kept = report["keep_warm"]
+    assert kept["interval_s"] == 1.0 and kept["usd_per_hour"] == 11.85  # 3 x one H100
+    assert kept["failed_pings"] == 0 and kept["pings"] >= 2 * 3
+    pings = [r for r in upstream.received if r["path"] == "/v1/completions"
+             and r["body"]["max_tokens"] == 1]
+    assert {p["body"]["model"] for p in pings} == {m.name for m in matrix.models.values()}
+
+
+def test_warm_prints_each_models_readiness_and_what_warm_replicas_cost(matrix):
+    with gateway_before(matrix, standin(), models=["gemma-3-27b"]) as url:
+        result = run("--warm", "gemma-3-27b-l40s", "--base-url", url, "--api-key", KEY,
+                     "--keep-warm", "1s")
+    assert result.exit_code == 0, result.output
+    assert "gemma-3-27b │ ready" in result.stdout
+    # Two L40S per replica for gemma-3-27b: 2 x $1.95/h.
+    assert "$3.90/hour while it runs (gemma-3-27b $3.90/h; one replica per model" in \
+        " ".join(result.stderr.split())
+    assert "Kept warm for 1 s:" in result.stdout
+
+
+# ## The retrying client on its own
+
+
+class Scripted:
+    """An ASGI app answering each request with the next scripted (status, body, headers)."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        self.seen.append((scope["method"], scope["path"]))
+        status, body, headers = self.answers.pop(0)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), *headers]})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+async def _send(url, *args, deadline=5.0, **kw):
+    async with checks.Endpoint(url, "k", deadline_s=deadline) as endpoint:
+        return await endpoint.send(*args, **kw)
+
+
+def test_503s_are_retried_with_backoff_and_the_wait_reported_apart():
+    starting = (503, {"error": {"message": "starting"}}, [])
+    app = Scripted(starting, starting, (200, {"ok": 1}, []))
+    with ThreadServer(app) as server:
+        answer = asyncio.run(_send(server.url, "GET", "/v1/models"))
+    assert answer.status == 200 and answer.attempts == 3 and answer.json() == {"ok": 1}
+    assert answer.waited >= 0.25 + 0.5 and answer.latency < 0.5
+
+
+def test_modal_303_redirects_are_followed_to_the_result():
+    app = Scripted((303, {}, [(b"location", b"/result/fc-1")]), (200, {"done": True}, []))
+    with ThreadServer(app) as server:
+        answer = asyncio.run(_send(server.url, "POST", "/v1/completions", {"prompt": "x"}))
+    assert answer.status == 200 and answer.json() == {"done": True}
+    assert app.seen == [("POST", "/v1/completions"), ("GET", "/result/fc-1")]
+
+
+def test_nothing_listening_is_retried_until_the_deadline():
+    started = time.monotonic()
+    with pytest.raises(checks.NotReady, match=r"deadline \(1 s\).*connection failed"):
+        asyncio.run(_send(f"http://127.0.0.1:{free_port()}", "GET", "/health", deadline=1))
+    assert 0.5 < time.monotonic() - started < 3
+
+
+# ## Client-side verifiers
+
+
+SQL_SENTENCES = ["SELECT id FROM users", "SELECT id FROM orders", "SELECT name FROM users",
+                 "SELECT name FROM orders"]
+
+
+def test_the_grammar_check_accepts_exactly_the_sql_grammars_language():
+    language = checks.grammar_regex(checks.SQL_GRAMMAR)
+    assert all(language.fullmatch(s) for s in SQL_SENTENCES)
+    for other in ["SELECT * FROM users", "select id from users", "SELECT id FROM users;",
+                  "SELECT  id FROM users", "SELECT id FROM", " SELECT id FROM users", ""]:
+        assert not language.fullmatch(other), other
+    assert language.fullmatch(from_grammar(checks.SQL_GRAMMAR))
+    repeat = checks.grammar_regex('root ::= ("a" | "b")+ tail?\ntail ::= [0-9]')
+    assert repeat.fullmatch("abba7") and repeat.fullmatch("a") and not repeat.fullmatch("7")
+    with pytest.raises(ValueError, match="undefined or recursive"):
+        checks.grammar_regex('root ::= "x" root')
+
+
+@pytest.mark.parametrize(("value", "errors"), [
+    ({"name": "John", "age": 30, "city": "NYC"}, []),
+    ({"name": "John", "age": 30}, ["$: missing required 'city'"]),
+    ({"name": "John", "age": "30", "city": "NYC"}, ["$.age: expected integer, got string"]),
+    ({"name": "John", "age": True, "city": "NYC"}, ["$.age: expected integer, got boolean"]),
+    ({"name": "John", "age": 30.5, "city": None}, ["$.age: expected integer, got number",
+                                                   "$.city: expected string, got null"]),
+    (["John", 30, "NYC"], ["$: expected object, got array"]),
+])
+def test_the_schema_check_names_each_violation(value, errors):
+    assert checks.schema_errors(checks.PERSON_SCHEMA, value) == errors
+
+
+def test_the_structured_outputs_sent_are_the_specs_examples():
+    assert checks.EMAIL_REGEX == "\\w+@\\w+\\.com"
+    assert checks.SQL_GRAMMAR == ("root ::= \"SELECT \" column \" FROM \" table\n"
+                                  "column ::= \"id\" | \"name\"\ntable ::= \"users\" | \"orders\"")
+    assert checks.SENTIMENTS == ["Positive", "Negative", "Neutral"]
+    assert checks.PERSON_SCHEMA["required"] == ["name", "age", "city"]
+    assert checks.NAME_AGE_SCHEMA["required"] == ["name", "age"]
