@@ -28,6 +28,8 @@ EXAMPLES = """
   export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1
   uv run deploy.py --status                    what is deployed and running
   uv run deploy.py --stop all                  stop every app (asks first)
+  uv run deploy.py --url h100 --format env     LLM_BASE_URL= and LLM_API_KEY= for a .env
+  uv run deploy.py --litellm-config            write litellm_config.yaml (docker compose up)
 
 [bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml,
   4 not authenticated with Modal, 5 Modal unreachable, 6 Modal Secret missing,
@@ -42,6 +44,7 @@ OPERATE = "Operate deployed apps"
 LOCAL = "Local gateway"
 TEST = "Test and benchmark"
 ADAPTERS = "LoRA adapters"
+EXPORT = "Export"
 
 cli = typer.Typer(
     add_completion=False,
@@ -405,6 +408,66 @@ def _test_and_bench(matrix, *, test_gpu, test, warm, bench, dry_run, as_json, en
         raise typer.Exit(code)
 
 
+# ## --litellm-config, --url KEY --format (the work is in exports.py)
+
+
+def _litellm_config(matrix, chosen, output, workspace, dry_run, as_json) -> None:
+    if not chosen:
+        raise config.UsageError("--output and --workspace go with --litellm-config")
+    if dry_run or as_json:
+        raise config.UsageError("--litellm-config writes YAML; --output - prints it instead")
+    from rich.markup import escape
+
+    import exports
+
+    text = exports.litellm_config_text(matrix, workspace=workspace)
+    if str(output) == "-":
+        sys.stdout.write(text)
+        return
+    path = output or exports.DEFAULT_LITELLM_CONFIG
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise config.UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    names = [m["model_name"] for m in exports.litellm_config(matrix)["model_list"]]
+    console = _console()
+    console.print(f"Wrote {escape(str(path))}: {len(set(names))} model names for the LiteLLM "
+                  "proxy (<model>-<gpu>, and <model> routed to the cheapest GPU first)",
+                  soft_wrap=True)
+    console.print(f"It reads {', '.join(exports.required_env(matrix, workspace=workspace))}",
+                  soft_wrap=True)
+    missing = [] if workspace else exports.compose_missing_env(matrix)
+    if missing:
+        console.print(f"[yellow]Warning:[/yellow] {exports.COMPOSE_FILE.name} does not set "
+                      f"{', '.join(missing)}; add each as https://${{MODAL_WORKSPACE}}--vllm-"
+                      "<gpu>-serve.modal.run/v1 beside the others", soft_wrap=True)
+
+
+def _endpoint_export(matrix, url, fmt, with_key, as_json, environment) -> None:
+    import os
+
+    if not url:
+        raise config.UsageError("--format and --with-key go with --url KEY")
+    import exports
+
+    chosen = (fmt or ("json" if as_json else "url")).strip().lower()
+    if chosen not in exports.FORMATS:
+        raise config.UsageError(f"--format '{fmt}': choose one of {', '.join(exports.FORMATS)}")
+    if as_json and chosen != "json":
+        raise config.UsageError(f"--json and --format {chosen} disagree; choose one")
+    key = None
+    if with_key:
+        if chosen == "url":
+            raise config.UsageError("--with-key goes with --format env or --format json")
+        key = os.environ.get(exports.API_KEY_ENV)
+        if not key:
+            raise config.UsageError(f"--with-key reads {exports.API_KEY_ENV}, which is not set")
+    import cloud
+
+    found = cloud.endpoint_url(matrix, url, environment=environment)
+    sys.stdout.write(exports.endpoint_text(found, chosen, api_key=key))
+
+
 # ## The command
 
 
@@ -524,6 +587,24 @@ def main(
     redeploy: Annotated[bool, typer.Option(
         "--redeploy", help="With --upload-adapter: redeploy the deployed apps that serve the "
         "model, so new replicas load it.", rich_help_panel=ADAPTERS)] = False,
+    litellm_config: Annotated[bool, typer.Option(
+        "--litellm-config", help="Write a LiteLLM proxy config from the matrix: <model>-<gpu> "
+        "for each GPU app, <model> alone routed to the cheapest GPU first (docker-compose.yml "
+        "runs it).", rich_help_panel=EXPORT)] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="PATH", help="With --litellm-config: the file to write, '-' "
+        "for stdout \\[default: litellm_config.yaml].", rich_help_panel=EXPORT,
+        show_default=False)] = None,
+    workspace: Annotated[str | None, typer.Option(
+        "--workspace", metavar="NAME", help="With --litellm-config: write this Modal "
+        "workspace's endpoint URLs into the file instead of reading VLLM_<GPU>_API_BASE.",
+        rich_help_panel=EXPORT)] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", metavar="url|env|json", help="With --url: the URL alone, LLM_BASE_URL= and "
+        "LLM_API_KEY= lines for a .env file, or JSON.", rich_help_panel=EXPORT)] = None,
+    with_key: Annotated[bool, typer.Option(
+        "--with-key", help="With --url --format env|json: fill in the key from VLLM_API_KEY "
+        "(else it is left empty).", rich_help_panel=EXPORT)] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print machine-readable JSON instead of tables.",
         rich_help_panel=OUTPUT)] = False,
@@ -533,15 +614,20 @@ def main(
 ) -> None:
     actions = _actions(list=list_, gpu=gpu, all=all_, model=model, serve_local=serve_local,
                        url=url, status=status, stop=stop, test_gpu=test_gpu, test=test,
-                       warm=warm, bench=bench, upload_adapter=upload_adapter)
+                       warm=warm, bench=bench, upload_adapter=upload_adapter,
+                       litellm_config=litellm_config)
     if len(actions) != 1:
         what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
                 "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
-                "--test MODEL-GPU, --warm KEY, --bench KEY"
+                "--test MODEL-GPU, --warm KEY, --bench KEY; or export: --litellm-config"
                 if not actions else f"choose one of {', '.join(actions)}")
         raise typer.BadParameter(what, param_hint="action")
     try:
         matrix = config.load(config_path)
+        if litellm_config or output or workspace:
+            return _litellm_config(matrix, litellm_config, output, workspace, dry_run, as_json)
+        if fmt or with_key or (url and as_json):
+            return _endpoint_export(matrix, url, fmt, with_key, as_json, environment)
         if serve_local or upstream or allow_unauthenticated:
             return _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticated)
         endpoint_options = {
