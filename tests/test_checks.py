@@ -117,7 +117,9 @@ def test_ignored_constraints_fail_each_structured_check(matrix):
 
 
 def test_a_cold_start_is_waited_for_and_reported_apart_from_latency(matrix):
-    with gateway_before(matrix, standin(ready_after=1.5)) as url:
+    upstream = standin()
+    with gateway_before(matrix, upstream) as url:
+        upstream.ready_at = time.monotonic() + 2.0  # 503 until then, from now (not start-up)
         report = suite(url, "--deadline", "60s", "--test-model", "gemma-3-27b")
     assert report["passed"] is True
     assert report["cold_start_s"]["endpoint"] < 0.5  # the gateway's /health answers at once
@@ -227,8 +229,9 @@ def test_warm_wakes_every_model_and_keeps_them_warm_with_the_hourly_cost(matrix,
     fast_scaledown = tmp_path / "models.yaml"  # a 3 s scaledown window: a ping every second
     fast_scaledown.write_text(config.DEFAULT_PATH.read_text().replace(
         "scaledown_window_seconds: 900", "scaledown_window_seconds: 3"))
-    upstream = standin(ready_after=1.0)
+    upstream = standin()
     with gateway_before(matrix, upstream) as url:
+        upstream.ready_at = time.monotonic() + 1.0
         result = run("--warm", "h100", "--base-url", url, "--api-key", KEY, "--keep-warm", "3s",
                      "--config", str(fast_scaledown), "--json")
     assert result.exit_code == 0, result.output
