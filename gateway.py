@@ -200,16 +200,29 @@ class Gateway:
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body = max_body_bytes
         self.keepalive = keepalive_interval
-        self.by_name = {alias.lower(): m for m in models for alias in m.aliases}
+        # Every name a request may use -> (its model's pool, the name vLLM serves it under).
+        # A LoRA adapter goes to its base model's pool as itself: `python` or `<base>:python`.
+        self.by_name = {alias.lower(): (m, m.name) for m in models for alias in m.aliases}
+        for m in models:
+            for a in m.adapters:
+                self.by_name[a.name.lower()] = (m, a.name)
+                self.by_name.update({f"{alias}:{a.name}".lower(): (m, a.name)
+                                     for alias in m.aliases})
         self.unavailable = {k.lower(): (k, why) for k, why in (unavailable or {}).items()}
-        self.served = ", ".join(m.name for m in models) or "(none)"
+        adapter_names = [a.name for m in models for a in m.adapters]
+        self.served = (", ".join(m.name for m in models) or "(none)") + (
+            f" (adapters: {', '.join(adapter_names)})" if adapter_names else "")
         self.routes = {CHAT: CHAT, COMPLETIONS: COMPLETIONS}
         created = int(time.time())
         self.models_body = json.dumps({"object": "list", "data": [
             {"id": m.name, "object": "model", "created": created, "owned_by": "modal-vllm",
              "root": m.huggingface_id, "parent": None, "max_model_len": m.max_model_len,
              "aliases": [a for a in m.aliases if a != m.name]}
-            for m in models]}).encode()
+            for m in models] + [
+            {"id": a.name, "object": "model", "created": created, "owned_by": "modal-vllm",
+             "root": a.name, "parent": m.name, "max_model_len": m.max_model_len,
+             "aliases": [f"{m.key}:{a.name}"]}
+            for m in models for a in m.adapters]}).encode()
         self.health_body = json.dumps({"status": "ok", "models": len(models)}).encode()
         self.no_key = error_body(401, "missing API key: send 'Authorization: Bearer <key>'")
         self.bad_header = error_body(401, "malformed Authorization header: expected "
@@ -288,8 +301,7 @@ class Gateway:
             raise _reject(400, "request body is not valid JSON") from None
         if type(data) is not dict:
             raise _reject(400, "request body must be a JSON object")
-        model = self.route_model(data.get("model"))
-        data["model"] = model.name
+        model, data["model"] = self.route_model(data.get("model"))
         normalize_structured_outputs(data)
         stream = data.get("stream") is True
         ex.watch(receive)
@@ -297,7 +309,8 @@ class Gateway:
             await self.relay_stream(ex, model, route, data)
         else:
             await self.relay(ex, model, route, data)
-        return model.key, stream
+        label = model.key if data["model"] == model.name else f"{model.key}:{data['model']}"
+        return label, stream
 
     def authorize(self, scope) -> None:
         if self.key_digest is None:
@@ -334,14 +347,14 @@ class Gateway:
             if not message.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def route_model(self, name) -> config.Model:
+    def route_model(self, name) -> tuple[config.Model, str]:
         if name is None:
             raise _reject(400, f"missing 'model'; served models: {self.served}", "model")
         if not isinstance(name, str):
             raise _reject(400, "'model' must be a string", "model")
-        model = self.by_name.get(name.strip().lower())
-        if model is not None:
-            return model
+        found = self.by_name.get(name.strip().lower())
+        if found is not None:
+            return found
         known = self.unavailable.get(name.strip().lower())
         if known is not None:
             raise _reject(404, f"model '{known[0]}' is not served by this endpoint: {known[1]}; "

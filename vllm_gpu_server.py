@@ -38,8 +38,8 @@ def serve():
         [pool.model for pool in built.plan.pools],
         gpu_pool.ModalBackend(built.pools),
         api_key=api_key_from_env(),  # from the `vllm-api-key` secret; refuses to start without
-        unavailable={f.model.key: f"does not fit on {f.gpu.modal_gpu}: {f.reason}"
-                     for f in built.plan.skipped},
+        unavailable={alias: f"does not fit on {f.gpu.modal_gpu}: {f.reason}"
+                     for f in built.plan.skipped for alias in f.model.aliases},
     )
 
 
