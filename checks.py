@@ -36,6 +36,7 @@ RETRY_STATUSES = frozenset({502, 503, 504})  # a model starting, or Modal's prox
 FIRST_BACKOFF, MAX_BACKOFF = 0.25, 10.0  # seconds between attempts: doubling, capped
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
 READ_TIMEOUT = 300.0  # seconds for one answer (Modal turns a call over 150 s into a 303)
+MIN_READ_TIMEOUT = 60.0  # seconds an attempt may wait even past the deadline
 
 
 # ## Talking to an endpoint through its cold start
@@ -124,8 +125,11 @@ class Endpoint:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _timeout(self) -> httpx.Timeout:
-        remaining = max(1.0, self.deadline - time.monotonic())
-        return httpx.Timeout(min(READ_TIMEOUT, remaining), connect=min(CONNECT_TIMEOUT, remaining))
+        """Near the deadline an attempt waits less, but never too little for a real answer
+        (the deadline bounds the waiting for a cold start, not a warm model's work)."""
+        remaining = self.deadline - time.monotonic()
+        return httpx.Timeout(min(READ_TIMEOUT, max(MIN_READ_TIMEOUT, remaining)),
+                             connect=CONNECT_TIMEOUT)
 
     async def send(self, method: str, path: str, body: dict | None = None, *, key=OWN_KEY,
                    stream: bool = False) -> Answer:
