@@ -379,9 +379,11 @@ async def _check_auth(probe: _Probe, model: config.Model, key) -> None:
 
 async def check_models(probe: _Probe, expected: list[config.Model]) -> None:
     data = (await probe.call("GET", "/v1/models")).json()
-    listed = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)] \
+    entries = [m for m in data.get("data", []) if isinstance(m, dict)] \
         if isinstance(data, dict) else []
     by_alias = {a.lower(): m.key for m in expected for a in m.aliases}
+    # LoRA adapters are listed too, each with its base model as parent: not models of their own.
+    listed = [m.get("id") for m in entries if str(m.get("parent")).lower() not in by_alias]
     found = {by_alias.get(str(i).lower()) for i in listed}
     missing = [m.name for m in expected if m.key not in found]
     extra = [str(i) for i in listed if str(i).lower() not in by_alias]

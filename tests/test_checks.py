@@ -348,3 +348,17 @@ def test_the_structured_outputs_sent_are_the_specs_examples():
     assert checks.SENTIMENTS == ["Positive", "Negative", "Neutral"]
     assert checks.PERSON_SCHEMA["required"] == ["name", "age", "city"]
     assert checks.NAME_AGE_SCHEMA["required"] == ["name", "age"]
+
+
+def test_lora_adapters_listed_under_a_served_model_are_not_extra_models(matrix):
+    listing = {"object": "list", "data": [
+        {"id": "google/gemma-3-12b-it", "parent": None},
+        {"id": "gemma-3-12b-sql", "parent": "google/gemma-3-12b-it"},
+        {"id": "someone-elses", "parent": "other/model"}]}
+    with ThreadServer(Scripted((200, listing, []))) as server:
+        async def listed():
+            async with checks.Endpoint(server.url, KEY, deadline_s=5) as endpoint:
+                await checks.check_models(checks._Probe(endpoint), [matrix.models["gemma-3-12b"]])
+
+        with pytest.raises(checks.CheckFailed, match=r"^not expected someone-elses$"):
+            asyncio.run(listed())
