@@ -400,6 +400,18 @@ async def check_chat(probe: _Probe, model: config.Model) -> None:
         raise CheckFailed("empty reply")
 
 
+async def check_adapter(probe: _Probe, model: config.Model, adapter: config.Adapter) -> None:
+    """A LoRA adapter answers under its own name, through its base model's pool."""
+    body = {**_chat(model, "Hello!", max_tokens=SHORT_TOKENS), "model": adapter.name}
+    answer = await probe.call("POST", "/v1/chat/completions", body)
+    text, _ = _content(answer)
+    if not text.strip():
+        raise CheckFailed("empty reply")
+    served = answer.json().get("model")
+    if str(served).lower() != adapter.name.lower():
+        raise CheckFailed(f"answered as '{served}', not the adapter '{adapter.name}'")
+
+
 async def check_completion(probe: _Probe, model: config.Model) -> None:
     body = {"model": model.name, "prompt": "The capital of France is", "max_tokens": SHORT_TOKENS}
     text, _ = _content(await probe.call("POST", "/v1/completions", body))
@@ -628,11 +640,14 @@ async def run_suite(target: Target, on_result=None) -> list[CheckResult]:
         async def one_model(model: config.Model) -> None:
             for name, check in MODEL_CHECKS.items():
                 record(await _run_check(endpoint, name, model.key, check, model))
+            for adapter in model.adapters:
+                record(await _run_check(endpoint, f"adapter.{adapter.name}", model.key,
+                                        check_adapter, model, adapter))
 
         await asyncio.gather(*(one_model(m) for m in target.models))
     order = {name: i for i, name in enumerate([*ENDPOINT_CHECKS, *MODEL_CHECKS])}
     models = {"": -1, **{m.key: i for i, m in enumerate(target.models)}}
-    return sorted(results, key=lambda r: (models[r.model], order.get(r.check, -1)))
+    return sorted(results, key=lambda r: (models[r.model], order.get(r.check, len(order))))
 
 
 def cold_starts(results: list[CheckResult]) -> dict[str, float]:

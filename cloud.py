@@ -66,6 +66,10 @@ class SecretMissingError(config.UserError):
     exit_code = 6
 
 
+class AdapterMissingError(config.UserError):
+    exit_code = 6
+
+
 class LimitReachedError(config.UserError):
     exit_code = 7
 
@@ -82,7 +86,7 @@ EXIT_CODES = {
     3: "invalid models.yaml",
     4: "not authenticated with Modal",
     5: "Modal unreachable",
-    6: "Modal Secret missing",
+    6: "Modal Secret or LoRA adapter missing",
     7: "limit reached (endpoints, quota)",
     8: "build or deploy failed",
 }
@@ -272,6 +276,30 @@ def check_secrets(apps: list[plan.App], environment: str | None) -> None:
         raise SecretMissingError("\n".join(problems))
 
 
+def check_adapters_uploaded(apps: list[plan.App], environment: str | None) -> None:
+    """vLLM refuses to start when a --lora-modules path is missing: find that out here."""
+    wanted = {(p.model.key, a.name, a.path) for app in apps for p in app.pools
+              for a in p.model.adapters}
+    if not wanted:
+        return
+    volume = modal.Volume.from_name(plan.ADAPTERS_VOLUME, environment_name=environment)
+    problems = []
+    for model_key, name, path in sorted(wanted):
+        try:
+            names = {entry.path.rsplit("/", 1)[-1] for entry in volume.listdir(path)}
+        except (modal.exception.NotFoundError, FileNotFoundError):
+            names = set()
+        except Exception as exc:  # mapped to one line
+            raise translate(exc, f"checking the Volume '{plan.ADAPTERS_VOLUME}'") from exc
+        if "adapter_config.json" not in names:
+            problems.append(
+                f"LoRA adapter '{name}' of {model_key} is not uploaded "
+                f"({plan.ADAPTERS_VOLUME}:/{path}){_env_note(environment)}; upload it: "
+                f"uv run deploy.py --upload-adapter {model_key} {name} DIR")
+    if problems:
+        raise AdapterMissingError("\n".join(problems))
+
+
 def deployed_apps(environment: str | None) -> dict[str, modal.experimental.AppInfo]:
     """Deployed apps of the environment, by name, with their running containers."""
     try:
@@ -321,10 +349,12 @@ def check_endpoint_limit(matrix: config.Matrix, apps: list[plan.App],
 
 def preflight(matrix: config.Matrix, apps: list[plan.App], *, environment: str | None,
               ignore_endpoint_limit: bool = False) -> None:
-    """Offline checks first (fit, credentials), then online (Secrets, endpoint limit)."""
+    """Offline checks first (fit, credentials), then online (Secrets, adapters, endpoint
+    limit)."""
     check_fits(apps)
     require_credentials()
     check_secrets(apps, environment)
+    check_adapters_uploaded(apps, environment)
     if not ignore_endpoint_limit and any(a.kind == "legacy" for a in apps):
         check_endpoint_limit(matrix, apps, environment)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from test_cloud import sdk, token  # noqa: F401 - the Modal SDK fakes, as pytest fixtures
 from typer.testing import CliRunner
 
 import adapters
@@ -273,3 +274,49 @@ def test_the_default_matrix_declares_no_adapters():
     assert all(not m.adapters for m in config.load().models.values())
     assert all(plan.ADAPTERS_VOLUME not in p.volumes.values()
                for app in plan.all_gpu_apps(config.load()) for p in app.pools)
+
+
+# ## Deploy preflight: a declared adapter must be on the Volume before vLLM starts
+
+
+REAL_VOLUME_FROM_NAME = __import__("modal").Volume.from_name
+
+
+@pytest.mark.parametrize("uploaded", [{"python", "math"}, {"python"}, set()])
+def test_deploy_refuses_when_a_declared_adapter_is_not_uploaded(
+        tmp_path, token, sdk, uploaded):  # noqa: F811 - pytest fixtures from test_cloud
+    import modal
+    from test_cloud import run as cloud_run
+
+    files = {f"qwen3-vl-30b/{n}": ["adapter_config.json", "adapter_model.safetensors"]
+             for n in uploaded}
+
+    def volume_from_name(name, *, environment_name=None, create_if_missing=False):
+        if create_if_missing:  # building an app: the real lazy reference, no RPC
+            return REAL_VOLUME_FROM_NAME(name, create_if_missing=True)
+        volume = mock.MagicMock(name=f"Volume {name}")
+
+        def listdir(path):
+            if path not in files:
+                raise modal.exception.NotFoundError(f"No such file or directory: {path}")
+            return [mock.Mock(path=f"{path}/{f}") for f in files[path]]
+
+        volume.listdir.side_effect = listdir
+        return volume
+
+    matrix = matrix_with(tmp_path)
+    with mock.patch.object(modal.Volume, "from_name", side_effect=volume_from_name):
+        result = cloud_run("--config", str(matrix.path), "--gpu", "h100")
+    deploy_app = sdk.mocks.deploy_app
+    missing = sorted({"python", "math"} - uploaded)
+    if not missing:
+        assert result.exit_code == 0, result.output
+        assert deploy_app.call_count == 1
+        return
+    assert result.exit_code == 6, result.output
+    deploy_app.assert_not_called()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: LoRA adapter '{n}' of qwen3-vl-30b is not uploaded (vllm-lora-adapters:"
+        f"/qwen3-vl-30b/{n}); upload it: uv run deploy.py --upload-adapter qwen3-vl-30b {n} DIR"
+        for n in missing]

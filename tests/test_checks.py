@@ -362,3 +362,26 @@ def test_lora_adapters_listed_under_a_served_model_are_not_extra_models(matrix):
 
         with pytest.raises(checks.CheckFailed, match=r"^not expected someone-elses$"):
             asyncio.run(listed())
+
+
+# ## LoRA adapters: one completion each, under the adapter's own name
+
+
+@pytest.mark.parametrize("serves_math", [True, False])
+def test_each_adapter_gets_a_completion(tmp_path, serves_math):
+    from test_adapters import matrix_with
+
+    matrix = matrix_with(tmp_path)
+    adapters = ["python", "math"] if serves_math else ["python"]  # as vLLM's --lora-modules
+    upstream = StandIn([*standin().names, *adapters])
+    with gateway_before(matrix, upstream) as url:
+        report = suite(url, "--config", str(matrix.path), "--test-model", "qwen3-vl-30b",
+                       expect=0 if serves_math else 1)
+    adapter_checks = [(c["check"], c["passed"]) for c in report["checks"]
+                      if c["check"].startswith("adapter.")]
+    assert adapter_checks == [("adapter.python", True), ("adapter.math", serves_math)]
+    assert report["checks"][-1]["check"] == "adapter.math"  # after the model's own checks
+    assert {b["body"]["model"] for b in upstream.received if "body" in b
+            and isinstance(b["body"], dict)} >= {"python"}
+    if not serves_math:
+        assert "404" in reasons(report, "adapter.math")[0]
