@@ -10,13 +10,14 @@ errors to exit codes. `--list`, `--dry-run` and `--help` never import modal.
 import json
 import shlex
 import sys
-import typing
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
 import config
+import fast_options
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -54,84 +55,7 @@ cli = typer.Typer(
 )
 
 
-# ## Startup speed: plain options without pydantic
-#
-# typer 0.29 coerces every option that is not a bool flag through a pydantic
-# TypeAdapter, and importing pydantic costs ~200 ms: more than all the rest of
-# `--list`. Options typed plainly (str, Path, int, float, bool, or a list or tuple
-# of them, with no parser, bounds or path checks) need none of it, so they are
-# coerced here and anything else still goes to typer. typer is pinned; if its internals move, this does
-# nothing and only speed is lost (tests/test_cli_matrix.py would notice).
-
-_TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off", ""}
-
-
-def _to_bool(value: object) -> bool:
-    text = str(value).strip().lower()
-    if text in _TRUE | _FALSE:
-        return text in _TRUE
-    raise ValueError(value)
-
-
-def _coerce_plain_options_without_pydantic() -> None:
-    try:
-        import typer.core as typer_core
-        from typer._coercion import RuntimeParam
-    except ImportError:
-        return
-    build = getattr(typer_core, "build_runtime_param", None)
-    if build is None or getattr(build, "plain_options", False):
-        return
-    converters = {str: str, Path: Path, int: int, float: float, bool: _to_bool}
-
-    def item_types(annotation) -> tuple | None:
-        """(str,) for str, for list[str] (a repeatable option) and (str, Path) for
-        tuple[str, Path] (one option, several values); None if not all plain."""
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-        kinds = args[:1] if origin is list else args if origin is tuple else (annotation,)
-        return kinds if kinds and all(k in converters for k in kinds) else None
-
-    class PlainParam(RuntimeParam):
-        def _coerce_value(self, value, param, ctx):
-            def convert(kind, item):
-                if type(item) is kind:
-                    return item
-                try:
-                    return converters[kind](item)
-                except (TypeError, ValueError):
-                    raise typer.BadParameter(
-                        f"{item!r} is not a valid {kind.__name__}", ctx=ctx, param=param
-                    ) from None
-
-            kinds, origin = item_types(self.annotation), typing.get_origin(self.annotation)
-            if origin is list:
-                items = value if isinstance(value, (list, tuple)) else [value]
-                return [convert(kinds[0], item) for item in items]
-            if origin is tuple:
-                if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
-                    raise typer.BadParameter(f"{len(kinds)} values are required",
-                                             ctx=ctx, param=param)
-                return tuple(convert(k, item) for k, item in zip(kinds, value, strict=True))
-            return convert(kinds[0], value)
-
-    def build_runtime_param(descriptor):
-        info = descriptor.parameter_info
-        plain = (
-            item_types(descriptor.annotation) is not None
-            and descriptor.file_annotation is None
-            and info.parser is None and info.min is None and info.max is None
-            and not (info.exists or info.resolve_path or info.writable or info.allow_dash)
-            and info.path_type is None
-        )
-        if plain:
-            return PlainParam(parameter_info=info, annotation=descriptor.annotation)
-        return build(descriptor)
-
-    build_runtime_param.plain_options = True
-    typer_core.build_runtime_param = build_runtime_param
-
-
-_coerce_plain_options_without_pydantic()
+fast_options.install()  # before any option is parsed: see fast_options.py
 
 
 def _console(stderr: bool = False):
@@ -337,16 +261,14 @@ def show_plan(matrix: config.Matrix, apps) -> None:
 # ## --serve-local
 
 
-def _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticated) -> None:
+def _serve_local(matrix: config.Matrix, o) -> None:
     import os
 
-    if not serve_local:
-        raise config.UsageError("--upstream and --allow-unauthenticated go with --serve-local")
     import gateway
 
-    gateway.serve_local(matrix, upstream or [], host=host, port=port,
+    gateway.serve_local(matrix, o.upstream or [], host=o.host, port=o.port,
                         api_key=os.environ.get("VLLM_API_KEY") or None,
-                        allow_unauthenticated=allow_unauthenticated)
+                        allow_unauthenticated=o.allow_unauthenticated)
 
 
 # ## --test-gpu, --test, --warm, --bench (the work is in checks.py and bench.py)
@@ -355,55 +277,40 @@ LOAD_OPTIONS = ("concurrency", "requests", "input_len", "output_len")
 BENCH_OPTIONS = (*LOAD_OPTIONS, "max_ttft_ms", "max_tpot_ms", "results_dir")
 
 
-def _test_and_bench(matrix, *, test_gpu, test, warm, bench, dry_run, as_json, environment,
-                    **options) -> None:
+def _test_and_bench(matrix: config.Matrix, o) -> None:
     import os
 
-    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
-    if not (test_gpu or test or warm or bench):
-        raise config.UsageError(f"{', '.join(given)}: go with --test-gpu, --test, --warm or "
-                                "--bench")
-    if dry_run:
-        raise config.UsageError("--dry-run goes with --gpu, --all or --model")
-    if options["keep_warm"] is not None and not warm:
-        raise config.UsageError("--keep-warm goes with --warm")
-    if not bench and (wrong := [f"--{k.replace('_', '-')}" for k in BENCH_OPTIONS
-                                if options[k] is not None]):
-        raise config.UsageError(f"{', '.join(wrong)}: go with --bench")
     import checks
     import plan
 
-    if test:
-        app = plan.legacy_app(matrix, test)
-    elif test_gpu:
-        app = plan.gpu_app(matrix, test_gpu)
+    if o.test:
+        app = plan.legacy_app(matrix, o.test)
+    elif o.test_gpu:
+        app = plan.gpu_app(matrix, o.test_gpu)
     else:
-        app = plan.app_for_key(matrix, warm or bench)
-    deadline = options["deadline"]
+        app = plan.app_for_key(matrix, o.warm or o.bench)
     target = checks.resolve_target(
-        matrix, app, test_model=options["test_model"], base_url=options["base_url"],
-        api_key=options["api_key"] or os.environ.get("VLLM_API_KEY") or None,
-        deadline_s=config.parse_duration(deadline) if deadline else None,
-        environment=environment)
-    if test_gpu or test:
+        matrix, app, test_model=o.test_model, base_url=o.base_url,
+        api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
+        deadline_s=config.parse_duration(o.deadline) if o.deadline else None,
+        environment=o.environment)
+    if o.test_gpu or o.test:
         if not target.api_key:
             raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
                                     "VLLM_API_KEY")
-        code = checks.run_conformance(target, as_json=as_json)
-    elif warm:
-        keep = options["keep_warm"]
+        code = checks.run_conformance(target, as_json=o.as_json)
+    elif o.warm:
         code = checks.warm_endpoint(
-            target, keep_warm_s=config.parse_duration(keep) if keep else None,
-            scaledown_window_s=matrix.defaults.scaledown_window_seconds, as_json=as_json)
+            target, keep_warm_s=config.parse_duration(o.keep_warm) if o.keep_warm else None,
+            scaledown_window_s=matrix.defaults.scaledown_window_seconds, as_json=o.as_json)
     else:
         import bench as benchmark
 
-        load = {k: options[k] for k in LOAD_OPTIONS if options[k] is not None}
+        load = {k: getattr(o, k) for k in LOAD_OPTIONS if getattr(o, k) is not None}
         code = benchmark.run_bench(
             target, benchmark.Settings(**load),
-            results_dir=options["results_dir"] or benchmark.DEFAULT_RESULTS_DIR,
-            max_ttft_ms=options["max_ttft_ms"], max_tpot_ms=options["max_tpot_ms"],
-            as_json=as_json)
+            results_dir=o.results_dir or benchmark.DEFAULT_RESULTS_DIR,
+            max_ttft_ms=o.max_ttft_ms, max_tpot_ms=o.max_tpot_ms, as_json=o.as_json)
     if code:
         raise typer.Exit(code)
 
@@ -411,20 +318,16 @@ def _test_and_bench(matrix, *, test_gpu, test, warm, bench, dry_run, as_json, en
 # ## --litellm-config, --url KEY --format (the work is in exports.py)
 
 
-def _litellm_config(matrix, chosen, output, workspace, dry_run, as_json) -> None:
-    if not chosen:
-        raise config.UsageError("--output and --workspace go with --litellm-config")
-    if dry_run or as_json:
-        raise config.UsageError("--litellm-config writes YAML; --output - prints it instead")
+def _litellm_config(matrix: config.Matrix, o) -> None:
     from rich.markup import escape
 
     import exports
 
-    text = exports.litellm_config_text(matrix, workspace=workspace)
-    if str(output) == "-":
+    text = exports.litellm_config_text(matrix, workspace=o.workspace)
+    if str(o.output) == "-":
         sys.stdout.write(text)
         return
-    path = output or exports.DEFAULT_LITELLM_CONFIG
+    path = o.output or exports.DEFAULT_LITELLM_CONFIG
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
@@ -434,49 +337,140 @@ def _litellm_config(matrix, chosen, output, workspace, dry_run, as_json) -> None
     console.print(f"Wrote {escape(str(path))}: {len(set(names))} model names for the LiteLLM "
                   "proxy (<model>-<gpu>, and <model> routed to the cheapest GPU first)",
                   soft_wrap=True)
-    console.print(f"It reads {', '.join(exports.required_env(matrix, workspace=workspace))}",
+    console.print(f"It reads {', '.join(exports.required_env(matrix, workspace=o.workspace))}",
                   soft_wrap=True)
-    missing = [] if workspace else exports.compose_missing_env(matrix)
+    missing = [] if o.workspace else exports.compose_missing_env(matrix)
     if missing:
         console.print(f"[yellow]Warning:[/yellow] {exports.COMPOSE_FILE.name} does not set "
                       f"{', '.join(missing)}; add each as https://${{MODAL_WORKSPACE}}--vllm-"
                       "<gpu>-serve.modal.run/v1 beside the others", soft_wrap=True)
 
 
-def _endpoint_export(matrix, url, fmt, with_key, as_json, environment) -> None:
+def _url(matrix: config.Matrix, o) -> None:
     import os
 
-    if not url:
-        raise config.UsageError("--format and --with-key go with --url KEY")
+    import cloud
     import exports
 
-    chosen = (fmt or ("json" if as_json else "url")).strip().lower()
+    chosen = (o.fmt or ("json" if o.as_json else "url")).strip().lower()
     if chosen not in exports.FORMATS:
-        raise config.UsageError(f"--format '{fmt}': choose one of {', '.join(exports.FORMATS)}")
-    if as_json and chosen != "json":
+        raise config.UsageError(f"--format '{o.fmt}': choose one of {', '.join(exports.FORMATS)}")
+    if o.as_json and chosen != "json":
         raise config.UsageError(f"--json and --format {chosen} disagree; choose one")
     key = None
-    if with_key:
+    if o.with_key:
         if chosen == "url":
             raise config.UsageError("--with-key goes with --format env or --format json")
         key = os.environ.get(exports.API_KEY_ENV)
         if not key:
             raise config.UsageError(f"--with-key reads {exports.API_KEY_ENV}, which is not set")
-    import cloud
-
-    found = cloud.endpoint_url(matrix, url, environment=environment)
+    found = cloud.endpoint_url(matrix, o.url, environment=o.environment)
     sys.stdout.write(exports.endpoint_text(found, chosen, api_key=key))
 
 
+# ## --list, deploy, --status, --stop, --upload-adapter
+
+
+def _list(matrix: config.Matrix, o) -> None:
+    return _print_json(matrix_data(matrix)) if o.as_json else show_matrix(matrix)
+
+
+def _deploy(matrix: config.Matrix, o) -> None:
+    import plan
+
+    if o.gpu:
+        apps = [plan.gpu_app(matrix, o.gpu)]
+    elif o.all_:
+        apps = plan.all_gpu_apps(matrix)
+    else:
+        apps = [plan.legacy_app(matrix, o.model)]
+    if o.dry_run:
+        return _print_json(plan_data(matrix, apps)) if o.as_json else show_plan(matrix, apps)
+    import cloud
+
+    cloud.deploy_command(matrix, apps, environment=o.environment,
+                         ignore_endpoint_limit=o.ignore_endpoint_limit, verbose=o.verbose)
+
+
+def _operate(matrix: config.Matrix, o) -> None:
+    import cloud
+
+    cloud.operate(matrix, status=o.status, stop=o.stop, yes=o.yes, as_json=o.as_json,
+                  environment=o.environment)
+
+
+def _upload_adapter(matrix: config.Matrix, o) -> None:
+    import adapters
+
+    adapters.upload_command(matrix, *o.upload_adapter, redeploy=o.redeploy,
+                            environment=o.environment, verbose=o.verbose)
+
+
 # ## The command
+#
+# One action per call. Every other option modifies some actions and is a usage
+# error with any other (never silently ignored); "given" means on the command
+# line, so defaults and environment variables never count.
+
+ACTIONS = {  # parameter -> what it does
+    "list_": _list, "gpu": _deploy, "all_": _deploy, "model": _deploy,
+    "url": _url, "status": _operate, "stop": _operate,
+    "test_gpu": _test_and_bench, "test": _test_and_bench, "warm": _test_and_bench,
+    "bench": _test_and_bench, "serve_local": _serve_local,
+    "upload_adapter": _upload_adapter, "litellm_config": _litellm_config,
+}
+TESTS = ("test_gpu", "test", "warm", "bench")
+MODIFIERS = {  # parameter -> the actions it goes with
+    "dry_run": ("gpu", "all_", "model"),
+    "ignore_endpoint_limit": ("model",),
+    "yes": ("stop",),
+    "upstream": ("serve_local",), "host": ("serve_local",), "port": ("serve_local",),
+    "allow_unauthenticated": ("serve_local",),
+    "test_model": TESTS, "base_url": TESTS, "api_key": TESTS, "deadline": TESTS,
+    "keep_warm": ("warm",),
+    **dict.fromkeys(BENCH_OPTIONS, ("bench",)),
+    "redeploy": ("upload_adapter",),
+    "output": ("litellm_config",), "workspace": ("litellm_config",),
+    "fmt": ("url",), "with_key": ("url",),
+    "as_json": ("list_", "gpu", "all_", "model", "url", "status", *TESTS),
+}
 
 
-def _actions(**chosen) -> list[str]:
-    return [f"--{name.replace('_', '-')}" for name, value in chosen.items() if value]
+def _flag(ctx: typer.Context, name: str) -> str:
+    return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
+
+def _either(flags: list[str]) -> str:
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+
+
+def _chosen_action(ctx: typer.Context) -> str:
+    """The one action of this call; a missing one or two of them is a usage error (exit 2)."""
+    chosen = [name for name in ACTIONS if ctx.params[name]]
+    if len(chosen) != 1:
+        what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
+                "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
+                "--test MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, "
+                "--upload-adapter, --litellm-config" if not chosen
+                else f"choose one of {', '.join(_flag(ctx, n) for n in chosen)}")
+        raise typer.BadParameter(what, param_hint="action")
+    return chosen[0]
+
+
+def _check_modifiers(ctx: typer.Context, action: str) -> None:
+    from typer._click.core import ParameterSource
+
+    for name, actions in MODIFIERS.items():
+        given = ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        if given and action not in actions:
+            goes_with = _either(list(dict.fromkeys(_flag(ctx, a) for a in actions)))
+            raise config.UsageError(f"{_flag(ctx, name)} goes with {goes_with}, "
+                                    f"not {_flag(ctx, action)}")
 
 
 @cli.command(epilog=EXAMPLES, help="Deploy, test and operate vLLM endpoints on Modal.")
 def main(
+    ctx: typer.Context,
     list_: Annotated[bool, typer.Option(
         "--list", help="Show the matrix: models x GPUs, fits, prices, endpoints.",
         rich_help_panel=MATRIX)] = False,
@@ -612,66 +606,11 @@ def main(
         "--config", metavar="PATH", help="Matrix file to read.", envvar="MODAL_VLLM_CONFIG",
         rich_help_panel=OUTPUT)] = config.DEFAULT_PATH,
 ) -> None:
-    actions = _actions(list=list_, gpu=gpu, all=all_, model=model, serve_local=serve_local,
-                       url=url, status=status, stop=stop, test_gpu=test_gpu, test=test,
-                       warm=warm, bench=bench, upload_adapter=upload_adapter,
-                       litellm_config=litellm_config)
-    if len(actions) != 1:
-        what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
-                "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
-                "--test MODEL-GPU, --warm KEY, --bench KEY; or export: --litellm-config"
-                if not actions else f"choose one of {', '.join(actions)}")
-        raise typer.BadParameter(what, param_hint="action")
+    action = _chosen_action(ctx)
     try:
+        _check_modifiers(ctx, action)
         matrix = config.load(config_path)
-        if litellm_config or output or workspace:
-            return _litellm_config(matrix, litellm_config, output, workspace, dry_run, as_json)
-        if fmt or with_key or (url and as_json):
-            return _endpoint_export(matrix, url, fmt, with_key, as_json, environment)
-        if serve_local or upstream or allow_unauthenticated:
-            return _serve_local(matrix, serve_local, upstream, host, port, allow_unauthenticated)
-        endpoint_options = {
-            "test_model": test_model, "base_url": base_url, "api_key": api_key,
-            "deadline": deadline, "keep_warm": keep_warm, "concurrency": concurrency,
-            "requests": requests, "input_len": input_len, "output_len": output_len,
-            "max_ttft_ms": max_ttft_ms, "max_tpot_ms": max_tpot_ms, "results_dir": results_dir}
-        if test_gpu or test or warm or bench or any(
-                v is not None for v in endpoint_options.values()):
-            return _test_and_bench(matrix, test_gpu=test_gpu, test=test, warm=warm, bench=bench,
-                                   dry_run=dry_run, as_json=as_json, environment=environment,
-                                   **endpoint_options)
-        if upload_adapter or redeploy:
-            if not upload_adapter:
-                raise config.UsageError("--redeploy goes with --upload-adapter MODEL NAME DIR")
-            import adapters
-
-            return adapters.upload_command(matrix, *upload_adapter, redeploy=redeploy,
-                                           environment=environment, verbose=verbose)
-        if list_:
-            if dry_run:
-                raise config.UsageError("--dry-run goes with --gpu, --all or --model")
-            return _print_json(matrix_data(matrix)) if as_json else show_matrix(matrix)
-        if url or status or stop:
-            if dry_run:
-                raise config.UsageError("--dry-run goes with --gpu, --all or --model")
-            import cloud
-
-            return cloud.operate(matrix, url=url, status=status, stop=stop, yes=yes,
-                                 as_json=as_json, environment=environment)
-        import plan
-
-        if gpu:
-            apps = [plan.gpu_app(matrix, gpu)]
-        elif all_:
-            apps = plan.all_gpu_apps(matrix)
-        else:
-            apps = [plan.legacy_app(matrix, model)]
-        if dry_run:
-            return _print_json(plan_data(matrix, apps)) if as_json else show_plan(matrix, apps)
-        import cloud
-
-        return cloud.deploy_command(matrix, apps, environment=environment,
-                                    ignore_endpoint_limit=ignore_endpoint_limit, verbose=verbose)
+        ACTIONS[action](matrix, SimpleNamespace(**ctx.params))
     except config.UserError as exc:
         if verbose:
             import traceback

@@ -266,7 +266,7 @@ def test_cli_checks_before_it_needs_credentials(tmp_path):
     assert "no weights" in output and "Traceback" not in output
     result, output = run("--list", "--redeploy")
     assert result.exit_code == 2
-    assert "--redeploy goes with --upload-adapter MODEL NAME DIR" in output
+    assert "Error: --redeploy goes with --upload-adapter, not --list" in output
 
 
 def test_the_default_matrix_declares_no_adapters():

@@ -199,9 +199,10 @@ def test_without_base_url_the_endpoint_is_looked_up_on_modal(matrix, monkeypatch
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--test-gpu", "h100", "--keep-warm", "1m"], "--keep-warm goes with --warm"),
-    (["--warm", "h100", "--concurrency", "4"], "--concurrency: go with --bench"),
-    (["--list", "--base-url", "http://x"], "--base-url: go with --test-gpu, --test, --warm"),
+    (["--test-gpu", "h100", "--keep-warm", "1m"], "--keep-warm goes with --warm, not --test-gpu"),
+    (["--warm", "h100", "--concurrency", "4"], "--concurrency goes with --bench, not --warm"),
+    (["--list", "--base-url", "http://x"],
+     "--base-url goes with --test-gpu, --test, --warm or --bench, not --list"),
     (["--test-gpu", "h100", "--warm", "h100"], "choose one of --test-gpu, --warm"),
     (["--test-gpu", "h100", "--base-url", "ftp://x"], "--base-url 'ftp://x': expected an"),
     (["--test-gpu", "h100", "--base-url", "http://127.0.0.1:9"], "needs the endpoint's key"),

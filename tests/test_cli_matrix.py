@@ -358,3 +358,18 @@ def test_plain_options_keep_typer_semantics():
     result = CliRunner().invoke(app, ["--count", "three"], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--count': 'three' is not a valid int" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--list", "--yes"], "Error: --yes goes with --stop, not --list"),
+    (["--gpu", "h100", "--ignore-endpoint-limit"],
+     "Error: --ignore-endpoint-limit goes with --model, not --gpu"),
+    (["--gpu", "h100", "--port", "9000", "--dry-run"], "Error: --port goes with --serve-local, not --gpu"),
+    (["--serve-local", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model, not --serve-local"),
+    (["--status", "--redeploy"], "Error: --redeploy goes with --upload-adapter, not --status"),
+])
+def test_an_option_given_with_an_action_it_does_not_modify_is_a_usage_error(args, message):
+    """Never silently ignored: a user who typed it meant something by it."""
+    result = CliRunner().invoke(deploy.cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == message

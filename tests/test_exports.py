@@ -198,9 +198,10 @@ def test_litellm_config_defaults_to_the_file_compose_mounts(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--litellm-config", "--gpu", "h100"], "choose one of --gpu, --litellm-config"),
-    (["--list", "--output", "x.yaml"], "--output and --workspace go with --litellm-config"),
-    (["--list", "--workspace", "acme"], "--output and --workspace go with --litellm-config"),
-    (["--litellm-config", "--json"], "--output - prints it"),
+    (["--list", "--output", "x.yaml"], "--output goes with --litellm-config, not --list"),
+    (["--list", "--workspace", "acme"], "--workspace goes with --litellm-config, not --list"),
+    (["--litellm-config", "--json"], ("--json goes with --list, --gpu, --all, --model, --url, "
+                                      "--status, --test-gpu, --test, --warm or --bench")),
     (["--litellm-config", "--workspace", "a b", "-o", "-"], "--workspace 'a b'"),
     (["--litellm-config", "-o", "/nonexistent-dir/x.yaml"], "cannot write"),
 ])
@@ -283,8 +284,8 @@ def test_url_json_with_key_and_environment(deployed):
      "--with-key reads VLLM_API_KEY, which is not set"),
     (["--url", "h100", "--with-key"], {"VLLM_API_KEY": KEY}, "--with-key goes with --format env"),
     (["--url", "h100", "--format", "env", "--json"], {}, "--json and --format env disagree"),
-    (["--list", "--format", "env"], {}, "--format and --with-key go with --url KEY"),
-    (["--status", "--with-key"], {}, "--format and --with-key go with --url KEY"),
+    (["--list", "--format", "env"], {}, "--format goes with --url, not --list"),
+    (["--status", "--with-key"], {}, "--with-key goes with --url, not --status"),
 ])
 def test_url_format_usage_errors_are_caught_before_modal(deployed, args, env, message):
     result = run(*args, env=env)
