@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ import modal
 
 import config
 import engine
+import gateway
 import plan
 
 MINUTES = 60  # seconds
@@ -92,16 +94,60 @@ def secrets(names: list[str]) -> list[modal.Secret]:
 # deadline (engine.py); `@modal.exit` stops it. The router reaches it only
 # through the two methods below, for the two allowlisted paths.
 
-ALLOWED_PATHS = ("/v1/chat/completions", "/v1/completions")
+ALLOWED_PATHS = (gateway.CHAT, gateway.COMPLETIONS)
 
 
-def _error_body(status: int, message: str) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def _error_dict(status: int, message: str) -> dict:
+    return json.loads(gateway.error_body(status, message))
 
 
-class EnginePool:
-    """One model's vLLM engine. Subclassed per model with `model_key` / `gpu_key` set."""
+class LocalEngine:
+    """The gateway Backend inside a GPU container: HTTP to this container's own vLLM.
+
+    A vLLM that dies after it was ready never comes back, so a failed call that
+    finds it dead retires the container (Modal starts a fresh one) instead of
+    answering 502 until the scaledown window runs out.
+    """
+
+    def __init__(self, vllm: engine.Engine, model_key: str, url: str = VLLM_URL):
+        self.engine = vllm
+        self.http = gateway.HTTPBackend({model_key: url})
+        self.retired = False
+
+    async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
+        try:
+            return await self.http.send(model, path, body)
+        except gateway.BackendError:
+            await self.retire_if_dead()
+            raise
+
+    async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.http.stream(model, path, body):
+                yield chunk
+        except gateway.BackendError:
+            await self.retire_if_dead()
+            raise
+
+    async def retire_if_dead(self) -> None:
+        if self.retired or self.engine.running():
+            return
+        self.retired = True  # once, though many concurrent inputs fail together
+        print("vLLM exited; this container stops taking requests. Last log lines:\n"
+              + self.engine.log_tail())
+        await modal.experimental.stop_fetching_inputs.aio()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class EngineMethods:
+    """What every model's pool answers. Subclassed per model with `model_key` / `gpu_key` set.
+
+    The `@modal.enter` hooks live in the two subclasses, not here: Modal collects
+    lifecycle methods from every class in the MRO by name, so a subclass cannot
+    drop an inherited `@modal.enter()` by overriding it with `snap=True`.
+    """
 
     model_key = ""
     gpu_key = ""
@@ -118,37 +164,25 @@ class EnginePool:
         # Fail with vLLM's own log tail a minute before Modal's startup timeout would.
         waited = self.engine.wait_ready(max(60, matrix.defaults.startup_timeout_seconds - MINUTES))
         print(f"vLLM ready for {self.model.name} after {waited:.0f} s")
-
-    def _connect(self) -> None:
-        from gateway import HTTPBackend
-
-        self.backend = HTTPBackend({self.model_key: VLLM_URL})
-
-    @modal.enter()
-    def start(self) -> None:
-        self._boot(sleep_mode=False)
-        self._connect()
+        # Opens no connection yet (the session is made on the first call), so it is
+        # safe to hold in a memory snapshot.
+        self.backend = LocalEngine(self.engine, self.model_key)
 
     @modal.method()
     async def request(self, path: str, body: dict) -> tuple[int, dict]:
-        from gateway import BackendError
-
         if path not in ALLOWED_PATHS:  # the router never asks for more; refuse anyway
-            return 404, _error_body(404, "not found")
+            return 404, _error_dict(404, "not found")
         try:
             return await self.backend.send(self.model, path, body)
-        except BackendError as exc:
-            await self._retire_if_dead()
-            return exc.status, _error_body(exc.status, exc.message)
+        except gateway.BackendError as exc:
+            return exc.status, _error_dict(exc.status, exc.message)
 
     @modal.method()
     async def stream(self, path: str, body: dict):
         """Yields the status first, then SSE bytes (200) or one error body (otherwise)."""
-        from gateway import BackendError
-
         if path not in ALLOWED_PATHS:
             yield 404
-            yield _error_body(404, "not found")
+            yield _error_dict(404, "not found")
             return
         started = False
         try:
@@ -157,26 +191,26 @@ class EnginePool:
                     started = True
                     yield 200
                 yield chunk
-        except BackendError as exc:
-            await self._retire_if_dead()
+        except gateway.BackendError as exc:
             if started:  # the router turns this into an SSE error event
                 raise RuntimeError(exc.message) from None
             yield exc.status
-            yield _error_body(exc.status, exc.message)
-
-    async def _retire_if_dead(self) -> None:
-        """A crashed engine never comes back: let Modal replace this container."""
-        if not self.engine.running():
-            print("vLLM exited; this container stops taking requests. Last log lines:\n"
-                  + self.engine.log_tail())
-            await modal.experimental.stop_fetching_inputs.aio()
+            yield _error_dict(exc.status, exc.message)
 
     @modal.exit()
     def stop(self) -> None:
         self.engine.stop()
 
 
-class SnapshotEnginePool(EnginePool):
+class EnginePool(EngineMethods):
+    """A cold start boots vLLM from the weights on the Volume."""
+
+    @modal.enter()
+    def start(self) -> None:
+        self._boot(sleep_mode=False)
+
+
+class SnapshotEnginePool(EngineMethods):
     """GPU memory snapshot: boot once, put vLLM to sleep, snapshot; later cold starts restore.
 
     Sleep mode's /sleep and /wake_up listen on localhost only and the gateway
@@ -184,27 +218,28 @@ class SnapshotEnginePool(EnginePool):
     """
 
     @modal.enter(snap=True)
-    def start(self) -> None:
+    def boot_and_sleep(self) -> None:
         import httpx
 
         self._boot(sleep_mode=True)
-        httpx.post(f"{VLLM_URL}/sleep", params={"level": 1}, timeout=HEALTH_TIMEOUT * 6)
+        # A failed sleep must not be snapshotted as if it had worked.
+        httpx.post(f"{VLLM_URL}/sleep", params={"level": 1},
+                   timeout=HEALTH_TIMEOUT * 6).raise_for_status()
 
     @modal.enter(snap=False)
     def wake(self) -> None:
         import httpx
 
         httpx.post(f"{VLLM_URL}/wake_up", timeout=HEALTH_TIMEOUT * 6).raise_for_status()
-        self._connect()  # connections are opened after the restore, never snapshotted
 
 
 def pool_class_name(model_key: str) -> str:
     return "Pool_" + "".join(c if c.isalnum() else "_" for c in model_key)
 
 
-def pool_class(pool: plan.Pool, gpu_key: str, module: str, base: type = EnginePool) -> type:
+def pool_class(pool: plan.Pool, gpu_key: str, module: str) -> type:
     """A fresh subclass for one model, named so the container's re-import finds it."""
-    base = SnapshotEnginePool if pool.snapshot else base
+    base = SnapshotEnginePool if pool.snapshot else EnginePool
     name = pool_class_name(pool.model.key)
     return type(name, (base,), {"__module__": module, "__qualname__": name,
                                 "model_key": pool.model.key, "gpu_key": gpu_key})
@@ -233,15 +268,14 @@ def gpu_class_options(pool: plan.Pool, defaults: config.Defaults, image: modal.I
 
 def _pool_failure(exc: BaseException):
     """Map what a Modal call can raise to the gateway's 502 / 503 / 504."""
-    from gateway import BackendError
-
     if isinstance(exc, engine.EngineError):
         # The client gets the headline; vLLM's log tail stays in the container's logs.
         headline = str(exc).split("; last log lines")[0].splitlines()[0]
-        return BackendError(503, f"model engine failed to start: {headline}", retry_after=30)
+        return gateway.BackendError(503, f"model engine failed to start: {headline}",
+                                    retry_after=30)
     if isinstance(exc, TimeoutError):  # modal.exception.FunctionTimeoutError is one
-        return BackendError(504, "model pool timed out")
-    return BackendError(502, f"model pool failed ({type(exc).__name__})")
+        return gateway.BackendError(504, "model pool timed out")
+    return gateway.BackendError(502, f"model pool failed ({type(exc).__name__})")
 
 
 class ModalBackend:
@@ -264,15 +298,13 @@ class ModalBackend:
         return status, payload
 
     async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
-        from gateway import BackendError
-
         try:
             chunks = self._pool(model).stream.remote_gen.aio(path, body)
             status = await anext(chunks)
             if status != 200:
                 error = await anext(chunks)
-                raise BackendError(status, error["error"]["message"])
-        except BackendError:
+                raise gateway.BackendError(status, error["error"]["message"])
+        except gateway.BackendError:
             raise
         except Exception as exc:
             raise _pool_failure(exc) from exc
@@ -280,7 +312,7 @@ class ModalBackend:
             async for chunk in chunks:
                 yield chunk
         except Exception as exc:  # the gateway ends the stream with an error event
-            raise BackendError(502, f"model pool failed mid-stream: {exc}") from exc
+            raise gateway.BackendError(502, f"model pool failed mid-stream: {exc}") from exc
 
 
 # ## What each app module builds: kept here, not read back from Modal

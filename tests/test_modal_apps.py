@@ -11,7 +11,10 @@ import subprocess
 import sys
 import textwrap
 
+import modal
 import pytest
+from modal._partial_function import _find_partial_methods_for_user_cls
+from modal._partial_function import _PartialFunctionFlags as Flags
 
 import config
 import engine
@@ -126,6 +129,19 @@ def test_snapshot_pools_only_on_single_gpu_cells(tmp_path):
     assert argv[-1] == "--enable-sleep-mode"
     legacy = vllm_server.build(matrix, "gemma-3-27b-h100")
     assert not legacy.plan.pools[0].snapshot
+    # What the container runs, found as Modal finds it (every class of the MRO, by name):
+    # a restored snapshot only wakes vLLM; it must not boot a second one.
+    assert lifecycle(snap) == {"pre": ["boot_and_sleep"], "post": ["wake"], "exit": ["stop"]}
+    assert lifecycle(multi) == {"pre": [], "post": ["start"], "exit": ["stop"]}
+    assert sorted(_find_partial_methods_for_user_cls(snap, Flags.interface_flags())) == [
+        "request", "stream"]
+
+
+def lifecycle(user_cls) -> dict[str, list[str]]:
+    flags = {"pre": Flags.ENTER_PRE_SNAPSHOT, "post": Flags.ENTER_POST_SNAPSHOT,
+             "exit": Flags.EXIT}
+    return {when: list(_find_partial_methods_for_user_cls(user_cls, flag))
+            for when, flag in flags.items()}
 
 
 CONTAINER_IMPORT = textwrap.dedent("""
@@ -279,3 +295,50 @@ def test_pool_failures_map_to_gateway_errors(error, status, retry_after, text):
 def test_plan_names_match_the_built_apps():
     for app_plan in plan.all_gpu_apps(MATRIX):
         assert vllm_gpu_server.build(MATRIX, app_plan.gpu.key).app.name == app_plan.name
+
+
+# ## Inside a GPU container: a vLLM that dies after readiness retires the container
+
+
+def test_a_dead_engine_retires_its_container_once(monkeypatch):
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fake = str(Path(__file__).with_name("fake_vllm.py"))
+    vllm = engine.Engine([sys.executable, fake, "ready", str(port)],
+                         health_url=f"http://127.0.0.1:{port}/health")
+    stops = []
+
+    async def stop_fetching_inputs():
+        stops.append(True)
+
+    monkeypatch.setattr(modal.experimental.stop_fetching_inputs, "aio", stop_fetching_inputs,
+                        raising=False)
+    local = gpu_pool.LocalEngine(vllm, MODEL.key, url=f"http://127.0.0.1:{port}")
+
+    async def call(stream: bool):
+        if stream:
+            return [c async for c in local.stream(MODEL, "/v1/completions", BODY)]
+        return await local.send(MODEL, "/v1/completions", BODY)
+
+    async def run():
+        for stream in (False, True):  # alive but answering 5xx: an error, not a retirement
+            with pytest.raises(BackendError):
+                await call(stream)
+        assert stops == []
+        vllm.stop(grace=2)
+        for stream in (False, True, False):
+            with pytest.raises(BackendError):
+                await call(stream)
+        await local.aclose()
+
+    vllm.start()
+    try:
+        vllm.wait_ready(20, poll_interval=0.05)
+        asyncio.run(run())
+    finally:
+        vllm.stop(grace=2)
+    assert stops == [True]
