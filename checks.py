@@ -379,8 +379,10 @@ async def _check_auth(probe: _Probe, model: config.Model, key) -> None:
 
 async def check_models(probe: _Probe, expected: list[config.Model]) -> None:
     data = (await probe.call("GET", "/v1/models")).json()
-    entries = [m for m in data.get("data", []) if isinstance(m, dict)] \
-        if isinstance(data, dict) else []
+    listing = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(listing, list):
+        raise CheckFailed("the listing has no data list")
+    entries = [m for m in listing if isinstance(m, dict)]
     by_alias = {a.lower(): m.key for m in expected for a in m.aliases}
     # LoRA adapters are listed too, each with its base model as parent: not models of their own.
     listed = [m.get("id") for m in entries if str(m.get("parent")).lower() not in by_alias]
@@ -565,6 +567,8 @@ async def _run_check(endpoint: Endpoint, name: str, model_key: str, check, *args
         result.reason = f"not ready: {exc}"
     except httpx.HTTPError as exc:
         result.reason = f"{type(exc).__name__}: {_clip(str(exc))}"
+    except (LookupError, TypeError, AttributeError) as exc:  # JSON of another shape than OpenAI's
+        result.reason = f"malformed answer ({type(exc).__name__}: {_clip(str(exc))})"
     result.latency_s = probe.latency if probe.timed else None
     result.waited_s = probe.waited
     return result

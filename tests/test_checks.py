@@ -277,7 +277,8 @@ class Scripted:
         status, body, headers = self.answers.pop(0)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *headers]})
-        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()  # bytes: as is
+        await send({"type": "http.response.body", "body": raw})
 
 
 async def _send(url, *args, deadline=5.0, **kw):
@@ -363,6 +364,34 @@ def test_lora_adapters_listed_under_a_served_model_are_not_extra_models(matrix):
 
         with pytest.raises(checks.CheckFailed, match=r"^not expected someone-elses$"):
             asyncio.run(listed())
+
+
+def _check(url, check, *args):
+    async def run():
+        async with checks.Endpoint(url, KEY, deadline_s=5) as endpoint:
+            return await checks._run_check(endpoint, "check", "m", check, *args)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(("check", "answer", "reason"), [
+    ("chat", {"choices": {"0": {"message": {"content": "hi"}}}}, "malformed answer (KeyError"),
+    ("chat", {"choices": [{"message": {"content": ["hi"]}}]}, "the answer's first choice has no"),
+    ("completion", [1, 2], "the answer has no choices"),
+    ("models", {"data": None}, "the listing has no data"),
+    ("chat.stream", b"data: [1]\n\ndata: [DONE]\n\n", "malformed answer (AttributeError"),
+    ("chat.stream", b'data: {"choices": [{"delta": {"content": 7}}]}\n\n',
+     "malformed answer (TypeError"),
+])
+def test_an_answer_of_the_wrong_shape_fails_its_check_with_a_reason(matrix, check, answer,
+                                                                    reason):
+    model = matrix.models["gemma-3-12b"]
+    function, arg = ((checks.check_models, [model]) if check == "models"
+                     else (checks.MODEL_CHECKS[check], model))
+    with ThreadServer(Scripted((200, answer, []))) as server:
+        result = _check(server.url, function, arg)
+    assert result.passed is False
+    assert result.reason.startswith(reason), result.reason
 
 
 # ## LoRA adapters: one completion each, under the adapter's own name
