@@ -33,7 +33,7 @@ MODULE = __name__
 
 
 def serve():
-    from gateway import HTTPBackend, api_key_from_env, build_app
+    from gateway import api_key_from_env, build_app
 
     built = _container_app()
     pool = built.plan.pools[0]
@@ -44,7 +44,7 @@ def serve():
     vllm.wait_ready(max(60, matrix.defaults.startup_timeout_seconds - gpu_pool.MINUTES))
     return build_app(
         [pool.model],
-        HTTPBackend({pool.model.key: gpu_pool.VLLM_URL}),
+        gpu_pool.LocalEngine(vllm, pool.model.key),  # a dead vLLM retires this container
         api_key=api_key_from_env(),  # from the `vllm-api-key` secret; refuses to start without
     )
 

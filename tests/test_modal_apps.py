@@ -342,3 +342,30 @@ def test_a_dead_engine_retires_its_container_once(monkeypatch):
     finally:
         vllm.stop(grace=2)
     assert stops == [True]
+
+
+def test_the_legacy_gateway_retires_its_container_when_vllm_dies(monkeypatch):
+    """The legacy web function boots vLLM itself; its backend must watch that same process."""
+
+    class StartedEngine:
+        def __init__(self, argv, env=None):
+            self.argv = argv
+            started.append(self)
+
+        def start(self):
+            pass
+
+        def wait_ready(self, timeout):
+            return 0.0
+
+        def stop(self):
+            pass
+
+    started = []
+    monkeypatch.setattr(engine, "Engine", StartedEngine)
+    monkeypatch.setattr(vllm_server, "_BUILT", {})
+    monkeypatch.setenv("MODEL_KEY", "gemma-3-12b-l40s")
+    monkeypatch.setenv("API_KEY", "k" * 20)
+    app = vllm_server.serve()
+    assert started[0].argv[:3] == ["vllm", "serve", "google/gemma-3-12b-it"]
+    assert isinstance(app.backend, gpu_pool.LocalEngine) and app.backend.engine is started[0]
