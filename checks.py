@@ -770,6 +770,10 @@ async def wake(endpoint: Endpoint, model: config.Model) -> Wake:
     if answer.status != 200:
         return Wake(model.key, False, took, answer.attempts,
                     f"HTTP {answer.status}: {error_message(answer.resp)}")
+    try:
+        _first_choice(answer)  # a 200 from something other than the model is not readiness
+    except CheckFailed as exc:
+        return Wake(model.key, False, took, answer.attempts, f"HTTP 200 without a completion: {exc}")
     return Wake(model.key, True, took, answer.attempts)
 
 

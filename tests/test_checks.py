@@ -260,6 +260,22 @@ def test_warm_prints_each_models_readiness_and_what_warm_replicas_cost(matrix):
     assert "Kept warm for 1 s:" in result.stdout
 
 
+@pytest.mark.parametrize(("answer", "ok", "reason"), [
+    ((200, {"choices": [{"text": " there", "finish_reason": "length"}]}, []), True, ""),
+    ((200, {}, []), False, "HTTP 200 without a completion: the answer has no choices"),
+    ((200, b"<html>Modal</html>", []), False, "HTTP 200 without a completion: the answer has no choices"),
+    ((404, {"error": {"message": "no such model"}}, []), False, "HTTP 404: no such model"),
+])
+def test_a_model_is_ready_only_when_a_completion_comes_back(matrix, answer, ok, reason):
+    async def wake(url):
+        async with checks.Endpoint(url, KEY, deadline_s=5) as endpoint:
+            return await checks.wake(endpoint, matrix.models["gemma-3-12b"])
+
+    with ThreadServer(Scripted(answer)) as server:
+        woken = asyncio.run(wake(server.url))
+    assert (woken.ok, woken.reason, woken.attempts) == (ok, reason, 1)
+
+
 # ## The retrying client on its own
 
 
