@@ -295,6 +295,8 @@ class ModalBackend:
             status, payload = await self._pool(model).request.remote.aio(path, body)
         except Exception as exc:  # every failure becomes an HTTP error
             raise _pool_failure(exc) from exc
+        if status >= 500:  # the pool's engine failed: the gateway adds Retry-After to a 503
+            raise gateway.BackendError(status, payload["error"]["message"])
         return status, payload
 
     async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:

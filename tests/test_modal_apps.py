@@ -6,11 +6,13 @@ Modal removes in 1.7.
 """
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import httpx
 import modal
 import pytest
 from modal._partial_function import _find_partial_methods_for_user_cls
@@ -18,6 +20,7 @@ from modal._partial_function import _PartialFunctionFlags as Flags
 
 import config
 import engine
+import gateway
 import gpu_pool
 import plan
 import vllm_gpu_server
@@ -369,3 +372,21 @@ def test_the_legacy_gateway_retires_its_container_when_vllm_dies(monkeypatch):
     app = vllm_server.serve()
     assert started[0].argv[:3] == ["vllm", "serve", "google/gemma-3-12b-it"]
     assert isinstance(app.backend, gpu_pool.LocalEngine) and app.backend.engine is started[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_starting_engine_in_the_pool_is_a_503_with_retry_after(stream):
+    error = json.loads(gateway.error_body(503, "backend for 'x' is starting"))
+    call = FakeCall(result=(503, error), items=[503, error])
+    backend, _ = backend_with(call)
+    app = gateway.build_app([MODEL], backend, api_key="k" * 20)
+
+    async def post():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            return await client.post("/v1/completions", json={**BODY, "stream": stream},
+                                     headers={"Authorization": "Bearer " + "k" * 20})
+
+    response = asyncio.run(post())
+    assert response.status_code == 503 and response.headers["retry-after"] == "10"
+    assert response.json()["error"]["message"] == "backend for 'x' is starting"
