@@ -597,6 +597,9 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
                    environment: str | None = None) -> Target:
     """The app's models (or the one named), and its URL: `--base-url`, else Modal's lookup."""
     served = [p.model for p in app.pools]
+    if not served:
+        raise config.UsageError(f"{app.name} serves no model: none fits on {app.gpu.modal_gpu} "
+                                "(uv run deploy.py --list shows the fit check)")
     models = served
     if test_model:
         model = matrix.resolve_model(test_model)
@@ -605,13 +608,8 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
                                     f"{', '.join(m.key for m in served) or 'nothing'}")
         models = [model]
     if base_url is None:
-        try:
-            import cloud  # the Modal lookup: imported only when no --base-url is given
-        except ModuleNotFoundError as exc:
-            if exc.name != "cloud":
-                raise
-            raise config.UserError("looking up the endpoint needs the cloud operations, which "
-                                   "are not available; pass --base-url URL") from None
+        import cloud  # the Modal lookup: imported only when no --base-url is given
+
         key = app.gpu.key if app.kind == "gpu" else config.legacy_key(served[0].key, app.gpu.key)
         base_url = cloud.endpoint_url(matrix, key, environment=environment)
     return Target(app, models, normalize_base_url(base_url), api_key,
@@ -629,7 +627,7 @@ async def run_suite(target: Target, on_result=None) -> list[CheckResult]:
         return result
 
     wrong_key = "wrong-" + secrets.token_hex(8)
-    first = target.models[0] if target.models else target.expected[0]
+    first = target.models[0]
     async with target.endpoint() as endpoint:
         record(await _run_check(endpoint, "health", "", check_health))
         record(await _run_check(endpoint, "auth.no-key", "", _check_auth, first, None))

@@ -223,6 +223,17 @@ def test_usage_errors_exit_2_before_any_request(args, message):
     assert message in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize("action", ["--test-gpu", "--warm"])
+def test_an_app_that_serves_no_model_is_a_usage_error(tmp_path, action):
+    tiny = tmp_path / "models.yaml"
+    tiny.write_text(config.DEFAULT_PATH.read_text().replace(
+        "l40s: {modal_gpu: L40S, vram_gb: 48", "l40s: {modal_gpu: L40S, vram_gb: 1"))
+    result = run(action, "l40s", "--base-url", "http://127.0.0.1:9", "--api-key", KEY,
+                 "--config", str(tiny))
+    assert result.exit_code == 2, result.output
+    assert "vllm-l40s serves no model: none fits on L40S" in " ".join(result.output.split())
+
+
 # ## Warm-up
 
 
