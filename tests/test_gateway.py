@@ -3,6 +3,7 @@ vLLM 0.33 as backends, each a real uvicorn server on a free port."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -536,3 +537,26 @@ def test_one_structured_log_line_per_request_and_never_the_key(env, caplog):
     assert [line["status"] for line in lines[1:]] == [401, 401]
     assert KEY not in caplog.text and KEY[:8] not in caplog.text
     assert "authorization" not in caplog.text.lower()
+
+
+def asgi_call(app, method: str, path: str, headers: list, body: bytes = b"") -> list[dict]:
+    """One request straight into the ASGI app: what any server may hand it, unparsed."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_an_absurd_content_length_is_413_not_a_crash(matrix):
+    app = gateway.build_app([matrix.models["gemma-3-12b"]], gateway.HTTPBackend({}), api_key=KEY)
+    auth = (b"authorization", f"Bearer {KEY}".encode())
+    length = b"9" * 5000  # past int()'s 4300-digit limit
+    sent = asgi_call(app, "POST", gateway.COMPLETIONS, [auth, (b"content-length", length)])
+    assert sent[0]["status"] == 413
