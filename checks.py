@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import secrets
 import sys
@@ -787,17 +788,20 @@ def replicas_usd_per_hour(target: Target) -> dict[str, float]:
 
 async def _keep_warm(target: Target, endpoint: Endpoint, seconds: float, interval: float,
                      on_tick) -> tuple[int, int]:
-    end = time.monotonic() + seconds
+    """A round of pings every `interval` from the start (a slow round does not shift the
+    next one), until `seconds` have passed."""
+    start = time.monotonic()
     pings = failed = 0
-    while (left := end - time.monotonic()) > 0:
-        await asyncio.sleep(min(interval, left))
+    rounds = math.ceil(seconds / interval) - 1  # none at the end: the replicas are warm then
+    for n in range(1, rounds + 1):
+        await asyncio.sleep(max(0.0, start + n * interval - time.monotonic()))
         on_tick()
-        if time.monotonic() >= end:
-            break
         endpoint.deadline = time.monotonic() + min(interval, endpoint.deadline_s)
         for w in await asyncio.gather(*(wake(endpoint, m) for m in target.models)):
             pings += 1
             failed += not w.ok
+    await asyncio.sleep(max(0.0, start + seconds - time.monotonic()))
+    on_tick()
     return pings, failed
 
 
