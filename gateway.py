@@ -49,6 +49,12 @@ LEGACY_OPTIONS = {"guided_whitespace_pattern": "whitespace_pattern"}
 LEGACY_DROPPED = ("guided_decoding_backend",)  # the backend is server-wide in vLLM 0.33
 LEGACY_FIELDS = frozenset([*LEGACY_CONSTRAINTS, *LEGACY_OPTIONS, *LEGACY_DROPPED])
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+# vLLM request fields that steer the server rather than one request: KV transfer between
+# instances (a connector may dial the host it names) and arguments for server-side plugins.
+# Nothing a client of a public endpoint needs; vLLM itself refuses `chat_template`,
+# `logits_processors` and `priority` unless the server opts in.
+OPERATOR_FIELDS = ("kv_transfer_params", "vllm_xargs")
+MAX_N = 128  # completions per request, as OpenAI caps it: one request must not fill a replica
 CONSTRAINING_FORMATS = ("json_object", "json_schema", "structural_tag")
 
 
@@ -135,6 +141,16 @@ def normalize_structured_outputs(body: dict) -> None:
         if so is not None and not isinstance(so, dict):
             raise _reject(400, "structured_outputs must be an object", "structured_outputs")
         body["structured_outputs"] = {**(so or {}), **moved}
+
+
+def refuse_operator_fields(body: dict) -> None:
+    """Reject what a public endpoint takes from no client (see OPERATOR_FIELDS, MAX_N)."""
+    for field in OPERATOR_FIELDS:
+        if field in body:
+            raise _reject(400, f"'{field}' is not accepted by this endpoint", field)
+    n = body.get("n")
+    if type(n) is int and n > MAX_N:
+        raise _reject(400, f"'n' must be at most {MAX_N}", "n")
 
 
 # ## The ASGI app
@@ -302,6 +318,7 @@ class Gateway:
         if type(data) is not dict:
             raise _reject(400, "request body must be a JSON object")
         model, data["model"] = self.route_model(data.get("model"))
+        refuse_operator_fields(data)
         normalize_structured_outputs(data)
         stream = data.get("stream") is True
         ex.watch(receive)

@@ -368,6 +368,29 @@ def test_invalid_bodies_are_openai_shaped_4xx(env, body, status):
         assert_openai_error(client.post(gateway.CHAT, content=body), status)
 
 
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"kv_transfer_params": {"remote_host": "10.0.0.1", "remote_port": 5557}},
+     "kv_transfer_params"),
+    ({"vllm_xargs": {"plugin": "x"}}, "vllm_xargs"),
+    ({"kv_transfer_params": None}, "kv_transfer_params"),
+    ({"n": 129}, "n"),
+])
+@pytest.mark.parametrize("path", [gateway.CHAT, gateway.COMPLETIONS])
+def test_server_steering_fields_and_huge_n_are_refused(env, extra, param, path):
+    body = {"model": "gemma-3-12b", "messages": HELLO, "prompt": "x", **extra}
+    with raw(env["url"]) as client:
+        error = assert_openai_error(client.post(path, json=body), 400)
+    assert error["param"] == param
+    assert not env["a"].received
+
+
+def test_n_up_to_the_cap_passes(env):
+    with raw(env["url"]) as client:
+        response = client.post(gateway.COMPLETIONS, json={
+            "model": "gemma-3-12b", "prompt": "x", "max_tokens": 1, "n": gateway.MAX_N})
+    assert response.status_code == 200 and env["a"].last_body["n"] == gateway.MAX_N
+
+
 def test_upstream_4xx_keeps_vllm_message(env):
     with pytest.raises(openai.BadRequestError) as caught:
         sdk(env["url"]).chat.completions.create(model="gemma-3-12b", messages=HELLO, max_tokens=0)
