@@ -839,16 +839,18 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
 
     woken, kept = asyncio.run(run())
     ok = all(w.ok for w in woken) and (kept is None or kept[1] == 0)
-    costs = replicas_usd_per_hour(target)
-    per_hour = round(sum(costs.values()), 2)
+    per_hour = round(sum(replicas_usd_per_hour(target).values()), 2)
+    # After the last ping the replicas idle for the scaledown window, billed all the same.
+    usd, tail = (per_hour * s / 3600 for s in (keep_warm_s or 0, scaledown_window_s))
     if as_json:
         data = {"app": target.app.name, "endpoint": target.base_url, "passed": ok,
                 "models": [asdict(w) for w in woken]}
         if kept is not None:
             data["keep_warm"] = {"seconds": keep_warm_s, "interval_s": interval,
                                  "usd_per_hour": per_hour, "pings": kept[0],
-                                 "failed_pings": kept[1],
-                                 "usd": round(per_hour * keep_warm_s / 3600, 4)}
+                                 "failed_pings": kept[1], "usd": round(usd, 4),
+                                 "scaledown_window_s": scaledown_window_s,
+                                 "usd_scaledown_tail": round(tail, 4)}
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return 0 if ok else 1
     from rich.markup import escape
@@ -867,7 +869,9 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
                   "(the cold start included).")
     if kept is not None:
         console.print(f"Kept warm for {keep_warm_s:g} s: {kept[0]} pings, {kept[1]} failed; "
-                      f"about ${per_hour * keep_warm_s / 3600:.2f} at ${per_hour:.2f}/hour.")
+                      f"about ${usd:.2f} at ${per_hour:.2f}/hour, plus up to ${tail:.2f} while "
+                      f"the replicas idle out the {scaledown_window_s:g} s scaledown window.",
+                      soft_wrap=True)
     return 0 if ok else 1
 
 
@@ -877,4 +881,6 @@ def _say_keep_warm(target: Target, seconds: float, interval: float) -> None:
     _console(stderr=True).print(
         f"Keeping {len(costs)} replica(s) warm for {seconds:g} s, a ping every {interval:g} s: "
         f"${sum(costs.values()):.2f}/hour while it runs ({detail}; one replica per model, "
-        "the CPU router not counted).", soft_wrap=True)
+        "the CPU router not counted), billed until the scaledown window after the last ping "
+        "has passed.",
+        soft_wrap=True)

@@ -253,6 +253,10 @@ def test_warm_wakes_every_model_and_keeps_them_warm_with_the_hourly_cost(matrix,
                for w in report["models"])
     kept = report["keep_warm"]
     assert kept["interval_s"] == 1.0 and kept["usd_per_hour"] == 11.85  # 3 x one H100
+    assert kept["usd"] == round(11.85 * 3 / 3600, 4)
+    # The replicas stay up (and billed) for the scaledown window after the last ping.
+    assert kept["scaledown_window_s"] == 3 and kept["usd_scaledown_tail"] == round(
+        11.85 * 3 / 3600, 4)
     assert kept["failed_pings"] == 0 and kept["pings"] == 2 * 3  # rounds at 1 s and 2 s
     pings = [r for r in upstream.received if r["path"] == "/v1/completions"
              and r["body"]["max_tokens"] == 1]
@@ -268,7 +272,9 @@ def test_warm_prints_each_models_readiness_and_what_warm_replicas_cost(matrix):
     # Two L40S per replica for gemma-3-27b: 2 x $1.95/h.
     assert "$3.90/hour while it runs (gemma-3-27b $3.90/h; one replica per model" in \
         " ".join(result.stderr.split())
-    assert "Kept warm for 1 s:" in result.stdout
+    # 900 s of scaledown after the last ping at $3.90/h: $0.975.
+    assert ("Kept warm for 1 s: 0 pings, 0 failed; about $0.00 at $3.90/hour, plus up to $0.97 "
+            "while the replicas idle out the 900 s scaledown window.") in result.stdout
 
 
 @pytest.mark.parametrize(("answer", "ok", "reason"), [
