@@ -8,6 +8,7 @@ at once if the process dies, and keeps the tail of vLLM's log for the error.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -135,17 +136,20 @@ class Engine:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group (vLLM's workers too), SIGKILL after the grace period."""
-        if not self.running():
+        """SIGTERM the process group (vLLM's workers too), then SIGKILL what is left of it.
+
+        Also after vLLM itself has exited: its workers may outlive it, holding the GPU.
+        """
+        if self.process is None:
             return
-        assert self.process
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return  # no process of the group is left
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=5.0)

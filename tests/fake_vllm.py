@@ -3,9 +3,11 @@
     python fake_vllm.py ready PORT [DELAY]   log a few lines, answer /health after DELAY s
     python fake_vllm.py die                  log a few lines, exit 3 before listening
     python fake_vllm.py hang                 log a line, never listen
+    python fake_vllm.py orphan PIDFILE       start a worker that outlives it, write its pid, exit 1
 """
 
 import http.server
+import subprocess
 import sys
 import time
 
@@ -28,6 +30,11 @@ def main() -> None:
         sys.exit(3)
     if mode == "hang":
         time.sleep(3600)
+    if mode == "orphan":  # as a crashed vLLM whose GPU worker lives on in its process group
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        with open(sys.argv[2], "w") as f:
+            f.write(str(worker.pid))
+        sys.exit(1)
     port, delay = int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     time.sleep(delay)
     print("INFO Application startup complete.", flush=True)

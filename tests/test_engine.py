@@ -1,5 +1,6 @@
 """engine.py: the vllm serve argv for every cell of the matrix, and the process life cycle."""
 
+import os
 import socket
 import sys
 import time
@@ -113,3 +114,30 @@ def test_stop_ends_the_process_group(started):
     e.wait_ready(timeout=20, poll_interval=0.05)
     e.stop(grace=2)
     assert e.process.returncode is not None
+
+
+def test_stop_ends_workers_that_outlive_vllm(started, tmp_path):
+    pidfile = tmp_path / "worker.pid"
+    e = started("orphan", str(pidfile))
+    assert wait_for(lambda: not e.running() and pidfile.exists() and pidfile.read_text())
+    worker = int(pidfile.read_text())
+    assert alive(worker)
+    e.stop(grace=2)
+    assert wait_for(lambda: not alive(worker))
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
