@@ -327,7 +327,7 @@ class ModalBackend:
 class Built:
     app: modal.App
     plan: plan.App
-    web: object  # the one web endpoint (a Function, or the legacy app's Cls)
+    web: modal.Function  # the one web endpoint: the router, or the legacy gateway+engine
     pools: dict[str, modal.Cls]  # model key -> its GPU pool
     image_packages: list[str]  # what pip installs in the GPU image
     entrypoint: Callable | None = None
