@@ -369,18 +369,18 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
     from rich.markup import escape
     from rich.table import Table
 
-    from checks import _console
+    from checks import _console, table
 
     console = _console()
     m, s = result["metrics"], result["settings"]
-    table = Table(title=f"{result['model']} on {result['gpu']} ({result['gpu_string']}) at "
-                        f"{result['endpoint']}", title_justify="left")
+    metrics = Table(title=f"{result['model']} on {result['gpu']} ({result['gpu_string']}) at "
+                          f"{result['endpoint']}", title_justify="left")
     for column in ("metric (ms)", "mean", "p50", "p99"):
-        table.add_column(column, justify="left" if column.startswith("metric") else "right")
+        metrics.add_column(column, justify="left" if column.startswith("metric") else "right")
     for label, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"),
                        ("E2EL", "e2el_ms")):
-        table.add_row(label, *(_num(m[key][q]) for q in ("mean", "p50", "p99")))
-    console.print(table)
+        metrics.add_row(label, *(_num(m[key][q]) for q in ("mean", "p50", "p99")))
+    console.print(metrics)
     lines = [
         (f"Requests    {m['completed']} completed, {m['failed']} failed in "
         f"{m['duration_s']:.2f} s wall ({s['concurrency']} at a time, {s['input_len']} words "
@@ -403,11 +403,10 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
         targets.append(f"TTFT p99 <= {max_ttft_ms:g} ms")
     if max_tpot_ms is not None:
         targets.append(f"TPOT p99 <= {max_tpot_ms:g} ms")
-    compare = Table(title=f"{result['model']}: saved runs by cost"
-                          + (f" ({', '.join(targets)})" if targets else ""), title_justify="left")
-    for column in ("#", "gpu", "$/M out tok", "out tok/s", "TTFT p99 ms", "TPOT p99 ms",
-                   "targets"):
-        compare.add_column(column, no_wrap=column != "targets")
+    compare = table(f"{result['model']}: saved runs by cost"
+                    + (f" ({', '.join(targets)})" if targets else ""),
+                    ("#", "gpu", "$/M out tok", "out tok/s", "TTFT p99 ms", "TPOT p99 ms",
+                     "targets"), wrap="targets")
     for n, row in enumerate(rows, 1):
         compare.add_row(str(n), row["gpu"], _money(row["usd_per_million_output_tokens"]),
                         _num(row["output_throughput"]), _num(row["ttft_p99_ms"], 0),

@@ -686,6 +686,21 @@ def progress():
                     transient=True)
 
 
+def table(title: str, columns: tuple[str, ...], *, wrap: str = "reason"):
+    """A rich table titled on the left; only the `wrap` column wraps."""
+    from rich.table import Table
+
+    result = Table(title=title, title_justify="left")
+    for column in columns:
+        result.add_column(column, no_wrap=column != wrap)
+    return result
+
+
+def planned_checks(models: list[config.Model]) -> int:
+    """How many checks the suite runs for these models (the progress bar's total)."""
+    return len(ENDPOINT_CHECKS) + sum(len(MODEL_CHECKS) + len(m.adapters) for m in models)
+
+
 def ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -700,9 +715,8 @@ def _mask(target: Target) -> str:
 
 def run_conformance(target: Target, *, as_json: bool) -> int:
     """`--test-gpu` / `--test`: run the suite, print a table (or JSON); exit code 0 if all pass."""
-    total = len(ENDPOINT_CHECKS) + len(MODEL_CHECKS) * len(target.models)
     with progress() as bar:
-        task = bar.add_task(f"testing {target.app.name}", total=total)
+        task = bar.add_task(f"testing {target.app.name}", total=planned_checks(target.models))
 
         def advance(result: CheckResult) -> None:
             where = f" {result.model}" if result.model else ""
@@ -718,18 +732,15 @@ def run_conformance(target: Target, *, as_json: bool) -> int:
             "checks": [r.as_dict() for r in results]}, indent=2) + "\n")
         return 0 if passed else 1
     from rich.markup import escape
-    from rich.table import Table
 
     console = _console()
-    table = Table(title=f"{target.app.name} at {target.base_url} (key {_mask(target)})",
-                  title_justify="left")
-    for column in ("check", "model", "result", "latency", "reason"):
-        table.add_column(column, no_wrap=column != "reason")
+    rows = table(f"{target.app.name} at {target.base_url} (key {_mask(target)})",
+                 ("check", "model", "result", "latency", "reason"))
     for r in results:
-        table.add_row(r.check, r.model or "(endpoint)",
-                      "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]",
-                      ms(r.latency_s), escape(r.reason))
-    console.print(table)
+        rows.add_row(r.check, r.model or "(endpoint)",
+                     "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]",
+                     ms(r.latency_s), escape(r.reason))
+    console.print(rows)
     slow = {k or "endpoint": v for k, v in waits.items() if v >= 0.05}
     console.print("Cold start (waited before the first answers, not in the latencies): "
                   + (", ".join(f"{k} {v:.1f} s" for k, v in slow.items()) or "none"))
@@ -854,17 +865,14 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return 0 if ok else 1
     from rich.markup import escape
-    from rich.table import Table
 
     console = _console()
-    table = Table(title=f"Warm-up of {target.app.name} at {target.base_url}",
-                  title_justify="left")
-    for column in ("model", "result", "ready after", "attempts", "reason"):
-        table.add_column(column, no_wrap=column != "reason")
+    rows = table(f"Warm-up of {target.app.name} at {target.base_url}",
+                 ("model", "result", "ready after", "attempts", "reason"))
     for w in woken:
-        table.add_row(w.model, "[green]ready[/green]" if w.ok else "[bold red]FAIL[/bold red]",
-                      f"{w.ready_after_s:.1f} s", str(w.attempts or "-"), escape(w.reason))
-    console.print(table)
+        rows.add_row(w.model, "[green]ready[/green]" if w.ok else "[bold red]FAIL[/bold red]",
+                     f"{w.ready_after_s:.1f} s", str(w.attempts or "-"), escape(w.reason))
+    console.print(rows)
     console.print("Ready after: from the start of the warm-up to the first one-token completion "
                   "(the cold start included).")
     if kept is not None:

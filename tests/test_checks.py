@@ -444,6 +444,7 @@ def test_each_adapter_gets_a_completion(tmp_path, serves_math):
                       if c["check"].startswith("adapter.")]
     assert adapter_checks == [("adapter.python", True), ("adapter.math", serves_math)]
     assert report["checks"][-1]["check"] == "adapter.math"  # after the model's own checks
+    assert len(report["checks"]) == checks.planned_checks([matrix.models["qwen3-vl-30b"]])
     assert {b["body"]["model"] for b in upstream.received if "body" in b
             and isinstance(b["body"], dict)} >= {"python"}
     if not serves_math:
