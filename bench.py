@@ -151,8 +151,12 @@ def usd_per_million_tokens(usd_per_hour: float, tokens_per_s: float | None) -> f
 # ## Comparison: every saved run of a model, best GPU first
 
 
+SAVED_KEYS = {"gpu", "started_at", "settings", "metrics", "usd_per_million_output_tokens"}
+
+
 def load_results(results_dir: Path, model_key: str) -> list[dict]:
-    """Every readable saved run of this model (others, and files that are not ours, skipped)."""
+    """Every readable saved run of this model (others, and files that are not ours or lack
+    what the ranking reads, skipped)."""
     found = []
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
@@ -160,7 +164,7 @@ def load_results(results_dir: Path, model_key: str) -> list[dict]:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("kind") == RESULT_KIND and \
-                data.get("model") == model_key:
+                data.get("model") == model_key and SAVED_KEYS <= data.keys():
             found.append({**data, "file": str(path)})
     return found
 
@@ -241,6 +245,8 @@ async def timed_request(endpoint, model: config.Model, prompt: str,
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
+                if not isinstance(event, dict):
+                    return record_from_timings(sent, [], error="a chunk is not a JSON object")
                 if event.get("choices"):
                     chunk_times.append(time.perf_counter())
                 elif event.get("usage"):

@@ -4,6 +4,7 @@ through the CLI against the gateway in front of stand-in servers on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,6 +149,49 @@ def test_only_the_latest_run_per_gpu_under_the_same_load_compares(tmp_path):
     assert len(loaded) == 3 and bench.load_results(tmp_path, "gemma-3-27b") == []
     (latest,) = bench.latest_per_gpu(loaded, bench.Settings())
     assert latest["usd_per_million_output_tokens"] == 2.0
+
+
+def test_incomplete_saved_runs_are_skipped_not_a_crash(tmp_path):
+    (tmp_path / "ok.json").write_text(json.dumps(saved_run("h100", 1.0)))
+    (tmp_path / "edited.json").write_text(json.dumps(
+        {"kind": bench.RESULT_KIND, "model": "gemma-3-12b", "gpu": "l40s"}))
+    loaded = bench.load_results(tmp_path, "gemma-3-12b")
+    assert [r["gpu"] for r in loaded] == ["h100"]
+    assert [r["gpu"] for r in bench.rank(bench.latest_per_gpu(loaded, bench.Settings()))] == [
+        "h100"]
+
+
+class Streamer:
+    """An ASGI app that answers every request with the same raw event-stream body."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    (b"data: [1, 2]\n\ndata: [DONE]\n\n", "a chunk is not a JSON object"),
+    (b'data: "text"\n\ndata: [DONE]\n\n', "a chunk is not a JSON object"),
+    (b"data: {oops\n\n", "a chunk is not JSON"),
+    (b'data: {"choices": [{"text": "a"}]}\n\n', "the stream ended without [DONE]"),
+    (b'data: {"error": {"message": "x"}}\n\n', "the stream broke off with an error event"),
+])
+def test_a_malformed_stream_is_a_failed_request_not_a_crash(matrix, body, error):
+    import checks
+
+    async def one(url):
+        async with checks.Endpoint(url, KEY, deadline_s=5) as endpoint:
+            return await bench.timed_request(endpoint, matrix.models["gemma-3-12b"], "hi", 4)
+
+    with ThreadServer(Streamer(body)) as server:
+        record = asyncio.run(one(server.url))
+    assert (record.ok, record.error) == (False, error)
 
 
 # ## Real runs through the CLI
