@@ -10,8 +10,10 @@ so the numbers read the same way:
   wall time, where wall time runs from the first request sent to the last one finished.
 Percentiles interpolate linearly between closest ranks, as numpy's default does.
 
-Cost per million output tokens = GPU $/hour x GPUs per replica / (output tokens/s x 3600) x 1e6:
-one replica, busy for the run's wall time; cold starts and idle time are not in it.
+Cost per million output tokens = GPU $/hour x GPUs per replica x replicas / (output tokens/s
+x 3600) x 1e6, where replicas = the requests in flight / max_concurrent_inputs rounded up (at
+most max_replicas): what Modal runs for that load, each busy for the run's wall time; cold
+starts, idle time and the CPU router are not in it.
 Every run is saved as JSON under a results folder; the comparison ranks the latest
 run on each GPU (same model, same load settings) by that cost.
 """
@@ -33,8 +35,6 @@ import config
 
 DEFAULT_RESULTS_DIR = Path("results")
 RESULT_KIND = "modal-vllm-bench"
-COST_ASSUMPTION = ("one replica, busy for the run's wall time, at models.yaml's $/hour; "
-                   "cold starts, idle time and the scaledown tail are not included")
 # Prompts are words drawn from this list, a different draw per request so that vLLM's
 # prefix cache cannot answer them; each common word is about one token for these tokenizers.
 VOCABULARY = (
@@ -286,20 +286,33 @@ async def run_load(endpoint, model: config.Model, settings: Settings,
 # ## `--bench`: wake, load, save, compare, print
 
 
+def replicas_for(concurrency: int, defaults: config.Defaults) -> int:
+    """Replicas Modal runs for this many requests in flight: each takes max_concurrent_inputs."""
+    return min(defaults.max_replicas, math.ceil(concurrency / defaults.max_concurrent_inputs))
+
+
+def cost_assumption(replicas: int, settings: Settings, defaults: config.Defaults) -> str:
+    return (f"{replicas} replica(s) for {settings.concurrency} requests in flight "
+            f"({defaults.max_concurrent_inputs} per replica, at most {defaults.max_replicas}), "
+            "each busy for the run's wall time at models.yaml's $/hour; cold starts, idle time, "
+            "the scaledown tail and the CPU router are not included")
+
+
 def build_result(target, model: config.Model, settings: Settings, metrics: dict,
                  cold_start_s: float, started_at: str) -> dict:
     pool = next(p for p in target.app.pools if p.model == model)
-    usd_per_hour = pool.fit.usd_per_hour
-    cost = usd_per_million_tokens(usd_per_hour, metrics["output_throughput"])
+    usd_per_hour = pool.fit.usd_per_hour  # one replica: $/hour per GPU x its GPUs
+    replicas = replicas_for(settings.concurrency, target.defaults)
+    cost = usd_per_million_tokens(usd_per_hour * replicas, metrics["output_throughput"])
     return {
         "kind": RESULT_KIND, "version": 1, "model": model.key, "model_name": model.name,
         "gpu": target.app.gpu.key, "gpu_string": pool.fit.gpu_string,
         "gpus_per_replica": pool.fit.count, "app": target.app.name,
         "endpoint": target.base_url, "started_at": started_at, "settings": asdict(settings),
         "cold_start_s": round(cold_start_s, 3), "metrics": metrics,
-        "usd_per_hour": round(usd_per_hour, 4),
+        "usd_per_hour": round(usd_per_hour, 4), "replicas": replicas,
         "usd_per_million_output_tokens": None if cost is None else round(cost, 4),
-        "cost_assumption": COST_ASSUMPTION,
+        "cost_assumption": cost_assumption(replicas, settings, target.defaults),
     }
 
 
@@ -397,7 +410,7 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
         "the run (any cold start; not in the metrics)"),
         (f"Cost        {_money(result['usd_per_million_output_tokens'])} per million output "
         f"tokens at ${result['usd_per_hour']:.2f}/h for {result['gpus_per_replica']}x "
-        f"{result['gpu']} (assumes {COST_ASSUMPTION})"),
+        f"{result['gpu']} per replica (assumes {result['cost_assumption']})"),
         f"Saved       {saved}",
     ]
     for error in m["errors"]:

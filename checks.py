@@ -584,6 +584,7 @@ class Target:
     base_url: str
     api_key: str | None = field(repr=False)
     deadline_s: float
+    defaults: config.Defaults  # the matrix's: scaledown window, inputs per replica
 
     @property
     def expected(self) -> list[config.Model]:
@@ -614,7 +615,7 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
         key = app.gpu.key if app.kind == "gpu" else config.legacy_key(served[0].key, app.gpu.key)
         base_url = cloud.endpoint_url(matrix, key, environment=environment)
     return Target(app, models, normalize_base_url(base_url), api_key,
-                  DEFAULT_DEADLINE if deadline_s is None else deadline_s)
+                  DEFAULT_DEADLINE if deadline_s is None else deadline_s, matrix.defaults)
 
 
 async def run_suite(target: Target, on_result=None) -> list[CheckResult]:

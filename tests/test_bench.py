@@ -96,6 +96,25 @@ def test_dollars_per_million_output_tokens():
     assert bench.usd_per_million_tokens(3.95, 0) is None
 
 
+@pytest.mark.parametrize(("concurrency", "replicas"), [(1, 1), (32, 1), (33, 2), (64, 2),
+                                                     (500, 4)])
+def test_the_cost_counts_the_replicas_the_load_needs(matrix, concurrency, replicas):
+    """Each replica takes max_concurrent_inputs (32) at once; Modal starts more for more, up to
+    max_replicas (4), and each is billed."""
+    import checks
+    import plan
+
+    target = checks.resolve_target(matrix, plan.gpu_app(matrix, "l40s"), test_model="gemma-3-27b",
+                                   base_url="http://x", api_key=None, deadline_s=None)
+    settings = bench.Settings(concurrency=concurrency)
+    metrics = {"output_throughput": 1000.0}
+    result = bench.build_result(target, matrix.models["gemma-3-27b"], settings, metrics, 0.0, "")
+    assert (result["replicas"], result["gpus_per_replica"], result["usd_per_hour"]) == (
+        replicas, 2, 3.9)  # gemma-3-27b needs two L40S per replica
+    assert result["usd_per_million_output_tokens"] == approx(
+        round(replicas * 3.9 / 3.6, 4))
+
+
 def test_prompts_have_the_asked_length_and_differ_per_request():
     assert len(bench.make_prompt(1024, 0).split()) == 1024
     assert bench.make_prompt(32, 0) != bench.make_prompt(32, 1)
@@ -249,16 +268,20 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
     assert m["itl_ms"]["mean"] == approx(per_token, abs=0.01)
     assert m["output_throughput"] == approx(48 / m["duration_s"], rel=1e-3)
     assert r["usd_per_hour"] == 3.95 and r["gpus_per_replica"] == 1 and r["gpu"] == "h100"
+    assert r["replicas"] == 1  # 4 requests in flight, 32 per replica
     assert r["usd_per_million_output_tokens"] == approx(
         3.95 / (m["output_throughput"] * 3600) * 1e6, rel=1e-3)
-    assert "one replica, busy for the run's wall time" in r["cost_assumption"]
+    assert r["cost_assumption"].startswith(
+        "1 replica(s) for 4 requests in flight (32 per replica, at most 4), each busy for the "
+        "run's wall time")
     saved = json.loads(Path(out["saved"]).read_text())
     assert saved == r and out["saved"].startswith(str(tmp_path / "gemma-3-12b-h100-"))
     assert out["cheapest"] == "h100" and [row["gpu"] for row in out["comparison"]] == ["h100"]
     assert table.exit_code == 0, table.output
     text = " ".join(table.stdout.split())
     assert "Requests 8 completed, 0 failed" in text
-    assert "per million output tokens at $3.95/h for 1x h100 (assumes one replica" in text
+    assert "per million output tokens at $3.95/h for 1x h100 per replica (assumes 1 replica(s)" \
+        in text
     assert "Cheapest meeting the targets: l40s at $0.01 per million output tokens." in text
     assert KEY not in table.output
     assert len(list(tmp_path.glob("gemma-3-12b-h100-*.json"))) == 2
