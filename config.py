@@ -64,11 +64,14 @@ def _constrained_types() -> dict[str, object]:
         "Count": Annotated[int, Ge(0)],
         "NonNegative": Annotated[float, Ge(0)],
         "Fraction": Annotated[float, Gt(0), Le(1)],
+        "ScaledownWindow": Annotated[int, Ge(2), Le(3600)],  # what Modal accepts, in seconds
+        "Timeout": Annotated[int, Gt(0), Le(86400)],  # Modal's functions run 24 hours at most
     }
 
 
 if TYPE_CHECKING:
-    Positive, PositiveInt, Count, NonNegative, Fraction = _constrained_types().values()
+    (Positive, PositiveInt, Count, NonNegative, Fraction, ScaledownWindow,
+     Timeout) = _constrained_types().values()
 
 _STRICT = {"extra": "forbid"}
 
@@ -79,12 +82,12 @@ class Defaults:
     vllm_version: str
     gpu_memory_utilization: Fraction = 0.92
     overhead_gib_per_gpu: NonNegative = 3.0
-    scaledown_window_seconds: PositiveInt = 900
+    scaledown_window_seconds: ScaledownWindow = 900
     max_concurrent_inputs: PositiveInt = 32
     max_replicas: PositiveInt = 4
     fast_boot: bool = True
-    startup_timeout_seconds: PositiveInt = 1800
-    request_timeout_seconds: PositiveInt = 3600
+    startup_timeout_seconds: Timeout = 1800
+    request_timeout_seconds: Timeout = 3600
 
 
 @dataclass(frozen=True, kw_only=True)
