@@ -144,15 +144,15 @@ CASES = [
         "a scaledown window Modal refuses",
         BASE.replace('vllm_version: "0.33.0"\n',
                      'vllm_version: "0.33.0"\n  scaledown_window_seconds: 7200\n'),
-        ["{f}: defaults.scaledown_window_seconds: Input should be less than or equal to 3600 "
-         "(got 7200)"],
+        [("{f}: defaults.scaledown_window_seconds: Input should be less than or equal to 3600 "
+          "(got 7200)")],
     ),
     (
         "a request timeout over Modal's 24 hours",
         BASE.replace('vllm_version: "0.33.0"\n',
                      'vllm_version: "0.33.0"\n  request_timeout_seconds: 90000\n'),
-        ["{f}: defaults.request_timeout_seconds: Input should be less than or equal to 86400 "
-         "(got 90000)"],
+        [("{f}: defaults.request_timeout_seconds: Input should be less than or equal to 86400 "
+          "(got 90000)")],
     ),
     (
         "zero parameters and zero layers",
