@@ -329,13 +329,15 @@ def check_endpoint_limit(matrix: config.Matrix, apps: list[plan.App],
     """Deployed web endpoints + the new apps' against the Starter plan's limit.
 
     Ours have exactly one endpoint each; other apps' web functions are counted.
-    Redeploying an app adds nothing.
+    Redeploying an app adds nothing, so a redeploy is never refused.
     """
     deployed = deployed_apps(environment)
+    new = [a.name for a in apps if a.name not in deployed]
+    if not new:
+        return
     ours = matrix_app_names(matrix)
     existing = sum(1 if name in ours else web_endpoints_of(name, environment)
                    for name in deployed)
-    new = [a.name for a in apps if a.name not in deployed]
     total = existing + len(new)
     limit = config.STARTER_PLAN_ENDPOINT_LIMIT
     if total > limit:

@@ -286,6 +286,18 @@ def test_redeploying_a_legacy_app_adds_no_endpoint(token, sdk):
     assert deployed_names(sdk) == ["vllm-gemma-3-12b-l40s"]
 
 
+def test_a_redeploy_is_never_refused_even_over_the_limit(token, sdk):
+    # A paid plan allows more than 8: 10 endpoints deployed; redeploying adds none.
+    sdk.deployed.update({f"vllm-{g}": 0 for g in GPUS})
+    sdk.deployed["vllm-gemma-3-12b-l40s"] = 0
+    sdk.deployed["other"] = 0
+    sdk.web_functions["other"] = 4
+    result = run("--model", "gemma-3-12b-l40s")
+    assert result.exit_code == 0, result.output
+    assert deployed_names(sdk) == ["vllm-gemma-3-12b-l40s"]
+    sdk.mocks.get_app_objects.assert_not_called()  # nothing new: nothing to count
+
+
 def test_a_model_that_is_not_gated_needs_no_huggingface_secret(token, sdk):
     del sdk.secrets["huggingface"]
     result = run("--model", "qwen3-vl-30b-h100")
