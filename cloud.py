@@ -226,16 +226,12 @@ def require_credentials() -> None:
 
 
 def check_fits(apps: list[plan.App]) -> None:
-    """Every app serves at least one model, and each of its pools passed the fit check."""
+    """Every app serves at least one model (plan.py keeps only the models that fit)."""
     for app in apps:
         if not app.pools:
             reasons = "; ".join(f"{f.model.key}: {f.reason}" for f in app.skipped)
             raise config.UsageError(f"{app.name} cannot be deployed: no model fits on "
                                     f"{app.gpu.modal_gpu} ({reasons})")
-        for pool in app.pools:
-            if not pool.fit.fits:  # plan.py keeps only fitting models; a guard, never expected
-                raise config.UsageError(f"{app.name}: {pool.model.key} does not fit: "
-                                        f"{pool.fit.reason}")
 
 
 # ## Online preflight: Secrets exist, room for more web endpoints
@@ -366,12 +362,13 @@ def preflight(matrix: config.Matrix, apps: list[plan.App], *, environment: str |
 
 def deploy_flag(app: plan.App) -> str:
     """The command line that deploys this app."""
+    return f"uv run deploy.py {'--gpu' if app.kind == 'gpu' else '--model'} {app_key(app)}"
+
+
+def app_key(app: plan.App) -> str:
+    """What names the app on the command line: its GPU key (h100), or gemma-3-12b-l40s."""
     if app.kind == "gpu":
-        return f"uv run deploy.py --gpu {app.gpu.key}"
-    return f"uv run deploy.py --model {legacy_key(app)}"
-
-
-def legacy_key(app: plan.App) -> str:
+        return app.gpu.key
     return config.legacy_key(app.pools[0].model.key, app.gpu.key)
 
 
@@ -411,10 +408,13 @@ def endpoint_url(matrix: config.Matrix, key: str, *, environment: str | None = N
 @dataclass
 class DeployResult:
     app: str
-    ok: bool
     seconds: float
     url: str = ""
     error: config.UserError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 def build_app(matrix: config.Matrix, app: plan.App) -> gpu_pool.Built:
@@ -426,7 +426,7 @@ def build_app(matrix: config.Matrix, app: plan.App) -> gpu_pool.Built:
             return vllm_gpu_server.build(matrix, app.gpu.key)
         import vllm_server
 
-        return vllm_server.build(matrix, legacy_key(app))
+        return vllm_server.build(matrix, app_key(app))
     except Exception as exc:
         raise translate(exc, f"building {app.name}", building=True) from exc
 
@@ -442,8 +442,8 @@ def deploy_built(built: gpu_pool.Built, environment: str | None) -> DeployResult
         url = url.rstrip("/") if url else web_url(built.plan, environment)
     except Exception as exc:  # noqa: BLE001 - one app's failure must not stop the others
         error = translate(exc, f"deploying {name}", building=True)
-        return DeployResult(name, False, time.monotonic() - started, error=error)
-    return DeployResult(name, True, time.monotonic() - started, url)
+        return DeployResult(name, time.monotonic() - started, error=error)
+    return DeployResult(name, time.monotonic() - started, url)
 
 
 def deploy_many(builts: list[gpu_pool.Built], environment: str | None, console,
@@ -483,16 +483,12 @@ def _console(stderr: bool = False):
     return console
 
 
-def _print_traceback(error: BaseException) -> None:
-    traceback.print_exception(error, file=sys.stderr)
-
-
 def _raise_failures(failures: list[DeployResult], total: int, verbose: bool) -> None:
     if total == 1:
         raise failures[0].error  # chained to Modal's exception, for --verbose
     if verbose:
         for failure in failures:
-            _print_traceback(failure.error)
+            traceback.print_exception(failure.error, file=sys.stderr)
     codes = {r.error.exit_code for r in failures}
     error = DeployFailedError("\n".join(str(r.error) for r in failures)
                               + f"\n{len(failures)} of {total} deploys failed")
@@ -537,8 +533,7 @@ def deploy_command(matrix: config.Matrix, apps: list[plan.App], *, environment: 
                 out.print(f"{r.app} deployed in {r.seconds:.0f} s: {escape(r.url)}", soft_wrap=True)
     if failures:
         _raise_failures(failures, len(results), verbose)
-    key = apps[0].gpu.key if apps[0].kind == "gpu" else legacy_key(apps[0])
-    out.print(f"Use it: export LLM_BASE_URL=$(uv run deploy.py --url {key}"
+    out.print(f"Use it: export LLM_BASE_URL=$(uv run deploy.py --url {app_key(apps[0])}"
               f"{_env_flag(environment)})/v1", soft_wrap=True)
 
 
