@@ -116,6 +116,15 @@ def test_ignored_constraints_fail_each_structured_check(matrix):
     assert "FAILED 18 of 34 checks: structured.json_object (gemma-3-12b)" in table.stdout
 
 
+def test_an_endpoint_that_answers_without_a_key_fails_both_auth_checks():
+    with ThreadServer(standin()) as open_server:  # vLLM itself, no key: everything answers 200
+        report = suite(open_server.url, "--test-model", "gemma-3-12b", expect=1)
+    assert failed(report) == {("auth.no-key", ""), ("auth.wrong-key", "")}
+    assert reasons(report, "auth.no-key") == [
+        ("expected 401: GET /v1/models answered 200; POST /v1/chat/completions answered 200; "
+         "POST /v1/completions answered 200")]
+
+
 def test_a_cold_start_is_waited_for_and_reported_apart_from_latency(matrix):
     upstream = standin()
     with gateway_before(matrix, upstream) as url:
