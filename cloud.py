@@ -353,7 +353,7 @@ def preflight(matrix: config.Matrix, apps: list[plan.App], *, environment: str |
     require_credentials()
     check_secrets(apps, environment)
     check_adapters_uploaded(apps, environment)
-    if not ignore_endpoint_limit and any(a.kind == "legacy" for a in apps):
+    if not ignore_endpoint_limit:  # a GPU app is an endpoint too; a redeploy adds none
         check_endpoint_limit(matrix, apps, environment)
 
 

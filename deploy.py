@@ -289,6 +289,14 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
         app = plan.gpu_app(matrix, o.test_gpu)
     else:
         app = plan.app_for_key(matrix, o.warm or o.bench)
+    if o.bench:  # usage errors before any lookup on Modal
+        import bench as benchmark
+
+        settings = benchmark.Settings(**{k: getattr(o, k) for k in LOAD_OPTIONS
+                                         if getattr(o, k) is not None}).check()
+        if not o.test_model and len(app.pools) != 1:
+            raise config.UsageError(f"--bench needs --test-model NAME: {app.name} serves "
+                                    f"{', '.join(p.model.key for p in app.pools)}")
     target = checks.resolve_target(
         matrix, app, test_model=o.test_model, base_url=o.base_url,
         api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
@@ -304,11 +312,8 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
             target, keep_warm_s=config.parse_duration(o.keep_warm) if o.keep_warm else None,
             scaledown_window_s=matrix.defaults.scaledown_window_seconds, as_json=o.as_json)
     else:
-        import bench as benchmark
-
-        load = {k: getattr(o, k) for k in LOAD_OPTIONS if getattr(o, k) is not None}
         code = benchmark.run_bench(
-            target, benchmark.Settings(**load),
+            target, settings,
             results_dir=o.results_dir or benchmark.DEFAULT_RESULTS_DIR,
             max_ttft_ms=o.max_ttft_ms, max_tpot_ms=o.max_tpot_ms, as_json=o.as_json)
     if code:
@@ -422,7 +427,7 @@ ACTIONS = {  # parameter -> what it does
 TESTS = ("test_gpu", "test", "warm", "bench")
 MODIFIERS = {  # parameter -> the actions it goes with
     "dry_run": ("gpu", "all_", "model"),
-    "ignore_endpoint_limit": ("model",),
+    "ignore_endpoint_limit": ("gpu", "all_", "model"),
     "yes": ("stop",),
     "upstream": ("serve_local",), "host": ("serve_local",), "port": ("serve_local",),
     "allow_unauthenticated": ("serve_local",),
@@ -513,8 +518,8 @@ def main(
         "--yes", "-y", help="With --stop: do not ask for confirmation.",
         rich_help_panel=OPERATE)] = False,
     ignore_endpoint_limit: Annotated[bool, typer.Option(
-        "--ignore-endpoint-limit", help="With --model: deploy even past Modal's Starter limit "
-        "of 8 web endpoints (for plans that allow more).", rich_help_panel=LEGACY)] = False,
+        "--ignore-endpoint-limit", help="Deploy even past Modal's Starter limit of 8 web "
+        "endpoints (for plans that allow more).", rich_help_panel=DEPLOY)] = False,
     environment: Annotated[str | None, typer.Option(
         "--env", "--environment", metavar="NAME", envvar="MODAL_ENVIRONMENT",
         help="Modal environment to deploy to and look in (default: your profile's).",

@@ -232,6 +232,24 @@ def test_usage_errors_exit_2_before_any_request(args, message):
     assert message in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bench", "h100"], "--bench needs --test-model NAME: vllm-h100 serves gemma-3-12b"),
+    (["--bench", "h100", "--test-model", "gemma-3-12b", "--requests", "0"],
+     "--requests must be at least 1"),
+])
+def test_bench_usage_errors_come_before_the_modal_lookup(monkeypatch, args, message):
+    """No --base-url: the URL would be looked up on Modal, but a usage error must come first."""
+    import cloud
+
+    def lookup(*a, **k):
+        raise AssertionError("looked up on Modal before checking the command line")
+
+    monkeypatch.setattr(cloud, "endpoint_url", lookup)
+    result = run(*args, env={"VLLM_API_KEY": KEY})
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
 @pytest.mark.parametrize("action", ["--test-gpu", "--warm"])
 def test_an_app_that_serves_no_model_is_a_usage_error(tmp_path, action):
     tiny = tmp_path / "models.yaml"

@@ -362,8 +362,8 @@ def test_plain_options_keep_typer_semantics():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--list", "--yes"], "Error: --yes goes with --stop, not --list"),
-    (["--gpu", "h100", "--ignore-endpoint-limit"],
-     "Error: --ignore-endpoint-limit goes with --model, not --gpu"),
+    (["--list", "--ignore-endpoint-limit"],
+     "Error: --ignore-endpoint-limit goes with --gpu, --all or --model, not --list"),
     (["--gpu", "h100", "--port", "9000", "--dry-run"], "Error: --port goes with --serve-local, not --gpu"),
     (["--serve-local", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model, not --serve-local"),
     (["--status", "--redeploy"], "Error: --redeploy goes with --upload-adapter, not --status"),

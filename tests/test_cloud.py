@@ -193,7 +193,7 @@ def test_deploy_gpu_deploys_the_built_app_through_the_sdk(token, sdk):
         mock.call("vllm-api-key", environment_name=None, required_keys=["API_KEY"]),
         mock.call("huggingface", environment_name=None, required_keys=["HF_TOKEN"]),
     ]
-    sdk.mocks.list_deployed_apps.assert_not_called()  # the endpoint count is for legacy apps
+    sdk.mocks.list_deployed_apps.assert_called_once_with(environment_name="")  # endpoint count
     assert f"vllm-h100 deployed in 0 s: {url_of('vllm-h100')}" in result.stdout
     assert "export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1" in result.stdout
 
@@ -275,6 +275,21 @@ def test_deploy_legacy_model_counts_endpoints_against_the_starter_limit(token, s
     (app,) = sdk.mocks.deploy_app.call_args.args
     assert app.name == "vllm-gemma-3-12b-l40s"
     assert deployed_names(sdk) == ["vllm-gemma-3-12b-l40s"]
+
+
+def test_deploy_all_counts_endpoints_too(token, sdk):
+    """A GPU app is a web endpoint as well: 5 new ones beside 4 of another app's are 9."""
+    sdk.deployed["their-app"] = 0
+    sdk.web_functions["their-app"] = 4
+    result = run("--all")
+    assert result.exit_code == 7, result.output
+    assert error_lines(result)[0].startswith(
+        "Error: deploying vllm-l40s, vllm-a100, vllm-h100, vllm-h200, vllm-b200 would make 9 web "
+        "endpoints (4 deployed + 5 new)")
+    sdk.mocks.deploy_app.assert_not_called()
+    result = run("--all", "--ignore-endpoint-limit")
+    assert result.exit_code == 0, result.output
+    assert sorted(deployed_names(sdk)) == sorted(f"vllm-{g}" for g in GPUS)
 
 
 def test_redeploying_a_legacy_app_adds_no_endpoint(token, sdk):
