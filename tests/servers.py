@@ -15,6 +15,16 @@ HOST = "127.0.0.1"
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll until `predicate()` is true; False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

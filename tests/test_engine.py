@@ -1,12 +1,12 @@
 """engine.py: the vllm serve argv for every cell of the matrix, and the process life cycle."""
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from servers import free_port, wait_until
 
 import config
 import engine
@@ -55,12 +55,6 @@ def test_argv_without_fast_boot_has_no_enforce_eager(tmp_path):
     matrix = config.load(tmp_path / "m.yaml")
     fit = matrix.fit(matrix.models["gemma-3-12b"], matrix.gpu("h100"))
     assert "--enforce-eager" not in engine.engine_argv(fit, matrix.defaults)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -119,20 +113,13 @@ def test_stop_ends_the_process_group(started):
 def test_stop_ends_workers_that_outlive_vllm(started, tmp_path):
     pidfile = tmp_path / "worker.pid"
     e = started("orphan", str(pidfile))
-    assert wait_for(lambda: not e.running() and pidfile.exists() and pidfile.read_text())
+    assert wait_until(lambda: not e.running() and pidfile.exists() and pidfile.read_text())
     worker = int(pidfile.read_text())
     assert alive(worker)
     e.stop(grace=2)
-    assert wait_for(lambda: not alive(worker))
+    assert wait_until(lambda: not alive(worker))
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def alive(pid: int) -> bool:

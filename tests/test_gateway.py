@@ -9,12 +9,11 @@ import logging
 import re
 import secrets
 import socket
-import time
 
 import httpx
 import openai
 import pytest
-from servers import HOST, ThreadServer, free_port
+from servers import HOST, ThreadServer, free_port, wait_until
 from standin import StandIn
 
 import config
@@ -510,15 +509,6 @@ def test_backend_key_is_sent_and_its_bare_401_is_not_the_clients_fault(matrix):
 
 
 # ## Client disconnects cancel the backend request
-
-
-def wait_until(predicate, timeout=3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_client_disconnect_cancels_the_backend_request(matrix):
