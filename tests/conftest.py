@@ -20,3 +20,14 @@ def isolated_home(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MODAL_CONFIG_PATH", str(home / ".modal.toml"))
     return home
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """The shipped matrix, loaded once per test module (its validated copy cached in a
+    temporary directory: module scope outlives the per-test environment above)."""
+    import config  # importable once ROOT is on sys.path (above)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        return config.load()

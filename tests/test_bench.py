@@ -15,7 +15,6 @@ from standin import StandIn
 from typer.testing import CliRunner
 
 import bench
-import config
 import deploy
 import gateway
 
@@ -214,13 +213,6 @@ def test_a_malformed_stream_is_a_failed_request_not_a_crash(matrix, body, error)
 
 
 # ## Real runs through the CLI
-
-
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return config.load()
 
 
 @contextmanager

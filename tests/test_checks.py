@@ -28,13 +28,6 @@ H100_MODELS = ["gemma-3-12b", "gemma-3-27b", "qwen3-vl-30b"]
 STRUCTURED = [name for name in checks.MODEL_CHECKS if name.startswith("structured.")]
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return config.load()
-
-
 def standin(**behaviour) -> StandIn:
     """A stand-in serving every model of the matrix under its served name."""
     return StandIn(["google/gemma-3-12b-it", "google/gemma-3-27b-it",

@@ -24,13 +24,6 @@ KEY = "sk-exports-test-0123456789"
 H100_URL = "https://acme--vllm-h100-serve.modal.run"
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return config.load()
-
-
 def run(*args: str, env: dict | None = None):
     return CliRunner().invoke(deploy.cli, list(args), env={"COLUMNS": "200", **(env or {})})
 

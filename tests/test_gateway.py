@@ -27,13 +27,6 @@ SQL = 'root ::= "SELECT " column " FROM " table\ncolumn ::= "id" | "name"\ntable
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return config.load()
-
-
 def start_gateway(matrix, urls: dict[str, str], **options):
     """A gateway server in front of `urls` (model key -> base URL); the others unavailable."""
     backend = gateway.HTTPBackend(urls, **options.pop("backend", {}))

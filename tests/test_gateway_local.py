@@ -17,13 +17,6 @@ import gateway
 KEY = "sk-local-test-key-0123456789"
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODAL_VLLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return config.load()
-
-
 def test_bare_url_serves_every_model(matrix):
     assert gateway.parse_upstreams(matrix, ["http://gpu-box:8000"]) == {
         key: "http://gpu-box:8000" for key in matrix.models}
