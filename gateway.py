@@ -69,10 +69,19 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
-    async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
-        """The upstream's status and JSON body; 4xx answers are returned, not raised."""
+    """Where a routed request goes. Bodies cross it as bytes, both ways: the gateway
+    decides what to forward, and nothing here parses or re-encodes a body it need not.
 
-    def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
+    `headers` is the response's: a backend may append (name, value) pairs to it, e.g.
+    timings or the GPU it ran on; for a stream, before it yields the first chunk.
+    """
+
+    async def send(self, model: config.Model, path: str, body: bytes,
+                   headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        """The upstream's status and body (a JSON object); 4xx answers are returned, not raised."""
+
+    def stream(self, model: config.Model, path: str, body: bytes,
+               headers: list[tuple[bytes, bytes]]) -> AsyncIterator[bytes]:
         """Raw SSE bytes as they come; BackendError before the first chunk on an error status."""
 
 
@@ -173,12 +182,12 @@ class _Exchange:
             (b"x-request-id", self.rid), *headers]})
         await self.send({"type": "http.response.body", "body": body})
 
-    async def start_stream(self) -> None:
+    async def start_stream(self, headers=()) -> None:
         self.status, self.started = 200, True
         await self.send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
-            (b"x-request-id", self.rid)]})
+            (b"x-request-id", self.rid), *headers]})
 
     async def chunk(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -322,10 +331,11 @@ class Gateway:
         normalize_structured_outputs(data)
         stream = data.get("stream") is True
         ex.watch(receive)
+        forward = json.dumps(data).encode()
         if stream:
-            await self.relay_stream(ex, model, route, data)
+            await self.relay_stream(ex, model, route, forward)
         else:
-            await self.relay(ex, model, route, data)
+            await self.relay(ex, model, route, forward)
         label = model.key if data["model"] == model.name else f"{model.key}:{data['model']}"
         return label, stream
 
@@ -379,18 +389,19 @@ class Gateway:
         raise _reject(404, f"the model '{_clip(name)}' does not exist; served models: "
                            f"{self.served}", "model")
 
-    async def relay(self, ex: _Exchange, model, path, data) -> None:
+    async def relay(self, ex: _Exchange, model, path, body: bytes) -> None:
+        headers: list[tuple[bytes, bytes]] = []
         try:
-            status, payload = await self.backend.send(model, path, data)
+            status, raw = await self.backend.send(model, path, body, headers)
         except BackendError as e:
             raise self.backend_reject(e) from None
         except Exception as e:  # noqa: BLE001 - a backend bug still gets an OpenAI-shaped answer
             log.warning("backend %s failed: %s", model.key, type(e).__name__)
             raise _reject(502, f"backend for '{model.name}' failed") from None
         if status >= 400:
-            status, payload = upstream_error(status, payload)
-        # ASCII escapes: an upstream's lone surrogate must not fail the encode.
-        await ex.reply(status, json.dumps(payload).encode())
+            status, payload = upstream_error(status, _json_or_none(raw))
+            raw = json.dumps(payload).encode()  # ASCII escapes: a lone surrogate cannot fail it
+        await ex.reply(status, raw, tuple(headers))
 
     def backend_reject(self, e: BackendError) -> Reject:
         status, _ = upstream_error(e.status, {})
@@ -400,8 +411,9 @@ class Gateway:
         return _reject(status, e.message if status == e.status else
                        "the backend refused the gateway's credentials", headers=headers)
 
-    async def relay_stream(self, ex: _Exchange, model, path, data) -> None:
-        chunks = self.backend.stream(model, path, data).__aiter__()
+    async def relay_stream(self, ex: _Exchange, model, path, body: bytes) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        chunks = self.backend.stream(model, path, body, headers).__aiter__()
         first = asyncio.ensure_future(chunks.__anext__())
         ended = b"\n"
         try:
@@ -419,7 +431,7 @@ class Gateway:
                 raise BackendError(502, f"backend for '{model.name}' sent an empty stream") \
                     from None
             if not ex.started:
-                await ex.start_stream()
+                await ex.start_stream(headers)
             await ex.chunk(chunk)
             ended = chunk[-1:]
             async for chunk in chunks:
@@ -448,6 +460,13 @@ class Gateway:
         body = json.loads(error_body(status, message))
         ex.status = status
         await ex.end_stream(lead + b"data: " + json.dumps(body).encode() + b"\n\n")
+
+
+def _json_or_none(raw: bytes):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def upstream_error(status: int, payload) -> tuple[int, dict]:
@@ -511,18 +530,19 @@ class HTTPBackend:
             raise BackendError(502, f"no backend configured for '{model.name}'")
         return urls[path]
 
-    async def _post(self, model, path, body):
+    async def _post(self, model, path, body: bytes):
         aiohttp = self.aiohttp
         try:
             return await self._session().post(self._url(model, path), headers=self.headers,
-                                               data=json.dumps(body).encode())
+                                               data=body)
         except TimeoutError:
             raise BackendError(504, f"backend for '{model.name}' did not answer in time") \
                 from None
         except aiohttp.ClientError:
             raise BackendError(502, f"backend for '{model.name}' is unreachable") from None
 
-    async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
+    async def send(self, model: config.Model, path: str, body: bytes,
+                   headers: list | None = None) -> tuple[int, bytes]:
         aiohttp = self.aiohttp
         resp = await self._post(model, path, body)
         try:
@@ -537,18 +557,14 @@ class HTTPBackend:
             resp.close() if not resp.content.is_eof() else resp.release()
         if resp.status >= 500:
             raise _status_error(resp.status, raw, resp.headers.get("Retry-After"), model)
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            if resp.status >= 400:
-                return resp.status, {}
+        # An object's first byte, not a full parse: the body is forwarded as it came.
+        if resp.status < 400 and raw.lstrip()[:1] != b"{":
             raise BackendError(502, f"backend for '{model.name}' sent a response that is not "
                                     "a JSON object")
-        return resp.status, payload
+        return resp.status, raw
 
-    async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
+    async def stream(self, model: config.Model, path: str, body: bytes,
+                     headers: list | None = None) -> AsyncIterator[bytes]:
         aiohttp = self.aiohttp
         resp = await self._post(model, path, body)
         complete = False
@@ -577,11 +593,7 @@ class HTTPBackend:
 
 
 def _status_error(status: int, raw: bytes, retry_after: str | None, model) -> BackendError:
-    try:
-        payload = json.loads(raw)
-    except ValueError:
-        payload = None
-    _, shaped = upstream_error(status, payload)
+    _, shaped = upstream_error(status, _json_or_none(raw))
     message = _clip(shaped["error"]["message"], 500)
     if status == 503:
         retry = int(retry_after) if retry_after and retry_after.isdigit() else DEFAULT_RETRY_AFTER

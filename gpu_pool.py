@@ -97,8 +97,6 @@ def secrets(names: list[str]) -> list[modal.Secret]:
 ALLOWED_PATHS = (gateway.CHAT, gateway.COMPLETIONS)
 
 
-def _error_dict(status: int, message: str) -> dict:
-    return json.loads(gateway.error_body(status, message))
 
 
 class LocalEngine:
@@ -114,16 +112,18 @@ class LocalEngine:
         self.http = gateway.HTTPBackend({model_key: url})
         self.retired = False
 
-    async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
+    async def send(self, model: config.Model, path: str, body: bytes,
+                   headers: list | None = None) -> tuple[int, bytes]:
         try:
-            return await self.http.send(model, path, body)
+            return await self.http.send(model, path, body, headers)
         except gateway.BackendError:
             await self.retire_if_dead()
             raise
 
-    async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
+    async def stream(self, model: config.Model, path: str, body: bytes,
+                     headers: list | None = None) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self.http.stream(model, path, body):
+            async for chunk in self.http.stream(model, path, body, headers):
                 yield chunk
         except gateway.BackendError:
             await self.retire_if_dead()
@@ -169,20 +169,21 @@ class EngineMethods:
         self.backend = LocalEngine(self.engine, self.model_key)
 
     @modal.method()
-    async def request(self, path: str, body: dict) -> tuple[int, dict]:
+    async def request(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """The engine's status and JSON body, both as the gateway forwards them."""
         if path not in ALLOWED_PATHS:  # the router never asks for more; refuse anyway
-            return 404, _error_dict(404, "not found")
+            return 404, gateway.error_body(404, "not found")
         try:
             return await self.backend.send(self.model, path, body)
         except gateway.BackendError as exc:
-            return exc.status, _error_dict(exc.status, exc.message)
+            return exc.status, gateway.error_body(exc.status, exc.message)
 
     @modal.method()
-    async def stream(self, path: str, body: dict):
+    async def stream(self, path: str, body: bytes):
         """Yields the status first, then SSE bytes (200) or one error body (otherwise)."""
         if path not in ALLOWED_PATHS:
             yield 404
-            yield _error_dict(404, "not found")
+            yield gateway.error_body(404, "not found")
             return
         started = False
         try:
@@ -195,7 +196,7 @@ class EngineMethods:
             if started:  # the router turns this into an SSE error event
                 raise RuntimeError(exc.message) from None
             yield exc.status
-            yield _error_dict(exc.status, exc.message)
+            yield gateway.error_body(exc.status, exc.message)
 
     @modal.exit()
     def stop(self) -> None:
@@ -278,6 +279,11 @@ def _pool_failure(exc: BaseException):
     return gateway.BackendError(502, f"model pool failed ({type(exc).__name__})")
 
 
+def _error_message(body: bytes) -> str:
+    """The message of the OpenAI-shaped error body a pool answers with."""
+    return json.loads(body)["error"]["message"]
+
+
 class ModalBackend:
     """Calls each model's pool: a method call, or a generator call for streams."""
 
@@ -290,22 +296,24 @@ class ModalBackend:
             self._instances[model.key] = self._pools[model.key]()
         return self._instances[model.key]
 
-    async def send(self, model: config.Model, path: str, body: dict) -> tuple[int, dict]:
+    async def send(self, model: config.Model, path: str, body: bytes,
+                   headers: list | None = None) -> tuple[int, bytes]:
         try:
             status, payload = await self._pool(model).request.remote.aio(path, body)
         except Exception as exc:  # every failure becomes an HTTP error
             raise _pool_failure(exc) from exc
         if status >= 500:  # the pool's engine failed: the gateway adds Retry-After to a 503
-            raise gateway.BackendError(status, payload["error"]["message"])
+            raise gateway.BackendError(status, _error_message(payload))
         return status, payload
 
-    async def stream(self, model: config.Model, path: str, body: dict) -> AsyncIterator[bytes]:
+    async def stream(self, model: config.Model, path: str, body: bytes,
+                     headers: list | None = None) -> AsyncIterator[bytes]:
         try:
             chunks = self._pool(model).stream.remote_gen.aio(path, body)
             status = await anext(chunks)
             if status != 200:
                 error = await anext(chunks)
-                raise gateway.BackendError(status, error["error"]["message"])
+                raise gateway.BackendError(status, _error_message(error))
         except gateway.BackendError:
             raise
         except Exception as exc:

@@ -566,3 +566,34 @@ def test_an_absurd_content_length_is_413_not_a_crash(matrix):
     length = b"9" * 5000  # past int()'s 4300-digit limit
     sent = asgi_call(app, "POST", gateway.COMPLETIONS, [auth, (b"content-length", length)])
     assert sent[0]["status"] == 413
+
+
+class HeaderBackend:
+    """A backend that reports something about the call in a response header."""
+
+    def __init__(self):
+        self.bodies = []
+
+    async def send(self, model, path, body, headers):
+        self.bodies.append(body)
+        headers.append((b"x-backend", b"send"))
+        return 200, b'{"id": "x", "choices": []}'
+
+    async def stream(self, model, path, body, headers):
+        self.bodies.append(body)
+        headers.append((b"x-backend", b"stream"))
+        yield b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_adds_response_headers_and_receives_bytes(matrix, stream):
+    backend = HeaderBackend()
+    app = gateway.build_app([matrix.models["gemma-3-12b"]], backend, api_key=KEY)
+    body = json.dumps({"model": "gemma-3-12b", "prompt": "hi", "stream": stream}).encode()
+    sent = asgi_call(app, "POST", gateway.COMPLETIONS,
+                     [(b"authorization", f"Bearer {KEY}".encode())], body)
+    assert sent[0]["status"] == 200
+    assert (b"x-backend", b"stream" if stream else b"send") in sent[0]["headers"]
+    assert json.loads(backend.bodies[0])["model"] == "google/gemma-3-12b-it"
+    if not stream:
+        assert sent[1]["body"] == b'{"id": "x", "choices": []}'  # forwarded as it came

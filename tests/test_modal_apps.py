@@ -235,13 +235,13 @@ def backend_with(call: FakeCall):
 
 
 MODEL = MATRIX.models["gemma-3-12b"]
-BODY = {"model": MODEL.name, "messages": []}
+BODY = json.dumps({"model": MODEL.name, "messages": []}).encode()
 
 
 def test_send_is_a_method_call_and_reuses_the_handle():
-    call = FakeCall(result=(200, {"id": "x"}))
+    call = FakeCall(result=(200, b'{"id": "x"}'))
     backend, instances = backend_with(call)
-    assert asyncio.run(backend.send(MODEL, "/v1/chat/completions", BODY)) == (200, {"id": "x"})
+    assert asyncio.run(backend.send(MODEL, "/v1/chat/completions", BODY)) == (200, b'{"id": "x"}')
     asyncio.run(backend.send(MODEL, "/v1/chat/completions", BODY))
     assert call.calls == [("/v1/chat/completions", BODY)] * 2
     assert len(instances) == 1
@@ -258,7 +258,7 @@ def test_stream_relays_chunks_after_the_status():
 
 
 def test_stream_error_before_the_first_chunk_carries_the_pool_status():
-    body = {"error": {"message": "bad schema", "type": "BadRequestError", "code": 400}}
+    body = gateway.error_body(400, "bad schema")
     backend, _ = backend_with(FakeCall(items=[400, body]))
     with pytest.raises(BackendError) as err:
         asyncio.run(collect(backend))
@@ -376,7 +376,7 @@ def test_the_legacy_gateway_retires_its_container_when_vllm_dies(monkeypatch):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_starting_engine_in_the_pool_is_a_503_with_retry_after(stream):
-    error = json.loads(gateway.error_body(503, "backend for 'x' is starting"))
+    error = gateway.error_body(503, "backend for 'x' is starting")
     call = FakeCall(result=(503, error), items=[503, error])
     backend, _ = backend_with(call)
     app = gateway.build_app([MODEL], backend, api_key="k" * 20)
@@ -384,7 +384,7 @@ def test_a_starting_engine_in_the_pool_is_a_503_with_retry_after(stream):
     async def post():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            return await client.post("/v1/completions", json={**BODY, "stream": stream},
+            return await client.post("/v1/completions", json={**json.loads(BODY), "stream": stream},
                                      headers={"Authorization": "Bearer " + "k" * 20})
 
     response = asyncio.run(post())
