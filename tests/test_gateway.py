@@ -547,9 +547,12 @@ def test_one_structured_log_line_per_request_and_never_the_key(env, caplog):
 
 def asgi_call(app, method: str, path: str, headers: list, body: bytes = b"") -> list[dict]:
     """One request straight into the ASGI app: what any server may hand it, unparsed."""
-    sent = []
+    sent, received = [], []
 
     async def receive():
+        if received:  # the body was read: the client waits for the answer, then stays
+            await asyncio.Event().wait()
+        received.append(True)
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
