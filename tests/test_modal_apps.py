@@ -113,6 +113,23 @@ def test_timeouts_nest_in_every_built_app(tmp_path):
                     d.startup_timeout_seconds, d.request_timeout_seconds)
 
 
+def test_the_dry_run_shows_the_timeouts_the_apps_are_built_with():
+    from typer.testing import CliRunner
+
+    import deploy
+
+    result = CliRunner().invoke(deploy.cli, ["--gpu", "h100", "--dry-run", "--json"])
+    (app,) = json.loads(result.stdout)
+    router = vllm_gpu_server.build(MATRIX, "h100").web.info().timeout
+    assert app["timeouts"] == {"router_seconds": router, "router_waits_seconds": router - 60,
+                               "startup_seconds": 1800, "request_seconds": 3600}
+    result = CliRunner().invoke(deploy.cli, ["--gpu", "h100", "--dry-run"])
+    assert ("  timeouts   pools 30 min to start, 60 min a request; router 91 min (waits 90 min "
+            "for a pool: both, as a wait for a GPU is in neither)") in result.stdout.splitlines()
+    result = CliRunner().invoke(deploy.cli, ["--model", "gemma-3-12b-l40s", "--dry-run"])
+    assert "  timeouts   30 min to start, 60 min a request" in result.stdout.splitlines()
+
+
 def mounted_modules(function) -> list[str]:
     """Every Python module the function's container gets: its own mounts and its image's."""
     from pathlib import Path
