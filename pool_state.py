@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import re
 import subprocess
 import time
 
@@ -95,6 +96,16 @@ def gpu_facts() -> dict | None:
         return None
     facts = parse_nvidia_smi(done.stdout)
     return {**facts, "vllm": vllm_version()} if facts else None
+
+
+def gpu_matches(modal_gpu: str, name: str) -> bool:
+    """Whether an nvidia-smi GPU name is what a Modal GPU string asks for: "H100" or "H100!"
+    is "NVIDIA H100 80GB HBM3", "A100-80GB" is "NVIDIA A100-SXM4-80GB", "L40S" is "NVIDIA L40S"
+    (an "H100" served by an H200 is not)."""
+    wanted = modal_gpu.split(":")[0].rstrip("!+").upper()
+    model, _, memory = wanted.partition("-")
+    words = re.split(r"[\s\-+]+", name.upper())
+    return model in words and (not memory or memory in words)
 
 
 def facts_header(facts: dict | None) -> bytes:
