@@ -165,6 +165,20 @@ def test_each_project_module_is_mounted_once():
                 [*gpu_pool.PROJECT_MODULES, module]), built.plan.name
 
 
+def test_models_yaml_can_pin_the_exact_gpu(tmp_path):
+    """Modal may serve "H100" with an H200; "H100!" pins it (the count still comes from the fit)."""
+    text = config.DEFAULT_PATH.read_text()
+    (tmp_path / "pinned.yaml").write_text(text.replace("modal_gpu: H100,", "modal_gpu: H100!,"))
+    built = vllm_gpu_server.build(config.load(tmp_path / "pinned.yaml"), "h100")
+    assert {info(cls).gpus[0] for cls in built.pools.values()} == {("H100!", 1)}
+    (tmp_path / "bad.yaml").write_text(text.replace("modal_gpu: H100,", "modal_gpu: H100:2,"))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(tmp_path / "bad.yaml")
+    assert str(err.value) == (
+        f"{tmp_path / 'bad.yaml'}: gpus.h100.modal_gpu: 'H100:2' is not a Modal GPU type such as "
+        "L40S, A100-80GB, H100 or H100! (the count comes from the fit check)")
+
+
 def test_every_legacy_cell_builds_with_one_web_endpoint():
     cells = MATRIX.legacy_cells()
     assert len(cells) == 15
