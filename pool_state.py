@@ -58,6 +58,22 @@ def server_timing(name: str, started: float) -> tuple[bytes, bytes]:
     return b"server-timing", b"%s;dur=%.1f" % (name.encode(), (time.perf_counter() - started) * 1000)
 
 
+def parse_server_timing(values: list[str]) -> dict[str, float]:
+    """Server-Timing header values (`engine;dur=12.5, pool;dur=40.1`) as {name: ms}; entries
+    without a duration are left out."""
+    found = {}
+    for entry in (e.strip() for value in values for e in value.split(",")):
+        name, *params = (p.strip() for p in entry.split(";"))
+        for param in params:
+            key, _, number = param.partition("=")
+            if key == "dur" and name:
+                try:
+                    found[name] = float(number)
+                except ValueError:
+                    pass
+    return found
+
+
 def is_fresh(record, now: float | None = None) -> bool:
     return (isinstance(record, dict) and isinstance(record.get("at"), int | float)
             and (now if now is not None else time.time()) - record["at"] < FRESH_SECONDS)

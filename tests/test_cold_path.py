@@ -199,3 +199,39 @@ def timing(values: list[str]) -> dict[str, float]:
     entries = [e.strip() for v in values for e in v.split(",")]
     return {name: float(dur.removeprefix("dur=")) for name, _, dur in
             (e.partition(";") for e in entries)}
+
+
+def test_bench_reports_the_hop_apart_from_vllm_and_warns_about_another_gpu(
+        workspace, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import deploy
+
+    modal_fakes.fake_nvidia_smi(tmp_path, monkeypatch, "NVIDIA H200, 580.82.07")
+    workspace.rpc = 0.02  # each Modal RPC: 20 ms there and back
+    vllm = StandIn([MODEL.name], delay=0.05, token_delay=0.005)  # vLLM: 50 ms to first byte
+    with endpoint(workspace, vllm) as (url, _, _):
+        result = CliRunner().invoke(deploy.cli, [
+            "--bench", "h100", "--test-model", MODEL.key, "--base-url", url, "--api-key", KEY,
+            "--requests", "6", "--concurrency", "3", "--input-len", "8", "--output-len", "4",
+            "--results-dir", str(tmp_path / "results"), "--json"])
+        table = CliRunner().invoke(deploy.cli, [
+            "--bench", "h100", "--test-model", MODEL.key, "--base-url", url, "--api-key", KEY,
+            "--requests", "2", "--concurrency", "1", "--input-len", "8", "--output-len", "4",
+            "--results-dir", str(tmp_path / "results")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    rows = [line.split("│")[1].strip() for line in table.stdout.splitlines() if "│" in line]
+    assert rows[:6] == ["TTFT", "TPOT", "ITL", "E2EL", "of TTFT: vLLM", "of TTFT: Modal hop"]
+    assert "GPU 1x NVIDIA H200, driver 580.82.07, vLLM unknown" in text
+    assert "Warning ran on 1x NVIDIA H200, not the H100 of 'h100'" in text
+    run = json.loads(result.stdout)["result"]
+    assert run["gpu_actual"] == {"name": "NVIDIA H200", "count": 1, "driver": "580.82.07",
+                                 "vllm": "unknown"}
+    assert run["gpu_warning"].startswith("ran on 1x NVIDIA H200, not the H100 of 'h100'")
+    # The first byte: vLLM's 50 ms in the pool; the hop is the spawn RPC (20 ms) and the
+    # first chunk's way back (10 + 10 ms), whatever the machine's load adds.
+    assert run["engine_ms"]["p50"] >= 50 and run["hop_ms"]["p50"] >= 39
+    assert run["hop_ms"]["p99"] >= run["hop_ms"]["p50"]
+    assert run["metrics"]["ttft_ms"]["mean"] >= run["engine_ms"]["mean"] + run["hop_ms"]["mean"]
