@@ -211,28 +211,40 @@ class Records:
 
 class FailureWatch:
     """The router's view of the failure records: fresh failures it has seen, kept until
-    they go stale, so that a healthy pool costs no RPC and a failed one is answered at once."""
+    they go stale, so that a healthy pool costs no RPC and a failed one is answered at once.
+
+    A failure older than the pool's last answer does not count: a replica that is up and
+    answering outweighs another one that could not start (a scale-up that failed).
+    """
 
     def __init__(self, app: str, records: Records | None = None):
         self.app = app
         self.records = records or Records()
         self.seen: dict[str, dict] = {}  # model key -> a fresh failure record
+        self.answered: dict[str, float] = {}  # model key -> when its pool last answered
+
+    def _counts(self, model: str, record: dict | None) -> bool:
+        return (record is not None and is_fresh(record)
+                and record["at"] > self.answered.get(model, 0.0))
 
     def known(self, model: str) -> dict | None:
         """A fresh failure already seen (no RPC)."""
         record = self.seen.get(model)
-        if record is not None and not is_fresh(record):
+        if record is not None and not self._counts(model, record):
             del self.seen[model]
             return None
         return record
 
     async def check(self, model: str) -> dict | None:
         record = await self.records.fresh_failure(self.app, model)
-        if record is None:
+        if not self._counts(model, record):
             self.seen.pop(model, None)
-        else:
-            self.seen[model] = record
+            return None
+        self.seen[model] = record
         return record
+
+    def pool_answered(self, model: str) -> None:
+        self.answered[model] = time.time()
 
 
 def describe(record: dict) -> tuple[str, int]:

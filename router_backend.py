@@ -173,6 +173,8 @@ class ModalBackend:
             raise
         except Exception as exc:  # every failure becomes an HTTP error
             raise pool_failure(exc) from exc
+        if self.failures is not None:
+            self.failures.pool_answered(model.key)
         if headers is not None:
             headers += [*pool_headers, pool_state.server_timing("pool", started)]
         if status >= 500:  # the pool's engine failed: the gateway adds Retry-After to a 503
@@ -193,6 +195,8 @@ class ModalBackend:
             try:
                 first = asyncio.ensure_future(anext(chunks))
                 status, pool_headers = await self._wait(model, first, lambda: None)
+                if self.failures is not None:
+                    self.failures.pool_answered(model.key)
                 if status != 200:
                     error = await anext(chunks)
                     finished = True

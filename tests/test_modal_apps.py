@@ -557,6 +557,26 @@ def test_a_fresh_failure_record_answers_503_at_once_and_a_good_start_clears_it(
     assert workspace.rpcs["DictGet"] >= 1
 
 
+def test_a_failure_older_than_the_pools_last_answer_does_not_count(workspace):
+    """A replica that answers outweighs another that could not start (a failed scale-up)."""
+    watch = pool_state.FailureWatch("vllm-h100")
+    records = workspace.dict_from_name(plan.STATE_DICT, create_if_missing=True).data
+    key = f"failure:vllm-h100:{MODEL.key}"
+
+    async def run():
+        records[key] = {"error": "OOM", "at": time.time() - 1}
+        assert (await watch.check(MODEL.key))["error"] == "OOM"
+        assert watch.known(MODEL.key)["error"] == "OOM"
+        watch.pool_answered(MODEL.key)
+        assert watch.known(MODEL.key) is None and await watch.check(MODEL.key) is None
+        records[key] = {"error": "later", "at": time.time() + 1}  # after that answer: counts
+        assert (await watch.check(MODEL.key))["error"] == "later"
+        records[key]["at"] -= pool_state.FRESH_SECONDS + 2  # stale: does not
+        assert watch.known(MODEL.key) is None and await watch.check(MODEL.key) is None
+
+    asyncio.run(run())
+
+
 def test_a_healthy_pool_costs_no_record_look_up(workspace, vllm):
     pool = engine_pool(workspace, vllm.url)
     failures = pool_state.FailureWatch("vllm-h100")
