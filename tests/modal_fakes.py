@@ -107,7 +107,9 @@ class FakeQueue:
         self.ttls: dict[str | None, int] = {}
         self._changed: asyncio.Condition | None = None
         self.put = _AsyncOp(self._put)
+        self.put_many = _AsyncOp(self._put_many)
         self.get = _AsyncOp(self._get)
+        self.get_many = _AsyncOp(self._get_many)
 
     def changed(self) -> asyncio.Condition:
         if self._changed is None:
@@ -116,16 +118,26 @@ class FakeQueue:
 
     async def _put(self, value, block: bool = True, timeout=None, *, partition=None,
                    partition_ttl: int = 24 * 3600) -> None:
+        await self._put_many([value], block, timeout, partition=partition,
+                             partition_ttl=partition_ttl)
+
+    async def _put_many(self, values: list, block: bool = True, timeout=None, *, partition=None,
+                        partition_ttl: int = 24 * 3600) -> None:
         self.workspace.count("QueuePut")
         half = self.workspace.rpc / 2
         await asyncio.sleep(half)
         async with self.changed():
-            self.partitions[partition].append(value)
+            self.partitions[partition].extend(values)
             self.ttls[partition] = partition_ttl
             self.changed().notify_all()
         await asyncio.sleep(half)
 
     async def _get(self, block: bool = True, timeout=None, *, partition=None):
+        values = await self._get_many(1, block, timeout, partition=partition)
+        return values[0] if values else None
+
+    async def _get_many(self, n_values: int, block: bool = True, timeout=None, *,
+                        partition=None) -> list:
         self.workspace.count("QueueGet")
         half = self.workspace.rpc / 2
         await asyncio.sleep(half)  # the request reaches the server
@@ -133,14 +145,14 @@ class FakeQueue:
         async with self.changed():
             if not block and not items:
                 await asyncio.sleep(half)
-                return None
+                return []
             try:
                 await asyncio.wait_for(self.changed().wait_for(lambda: bool(items)), timeout)
             except TimeoutError:
                 raise stdlib_queue.Empty() from None  # as modal.Queue.get documents
-            value = items.popleft()
+            values = [items.popleft() for _ in range(min(n_values, len(items)))]
         await asyncio.sleep(half)  # the answer comes back
-        return value
+        return values
 
 
 class _AsyncOp:
