@@ -8,11 +8,14 @@ learns of a cancellation every 0.2 s instead of every 15 s.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from contextlib import contextmanager
+from typing import ClassVar
 
 import httpx
+import modal
 import modal_fakes
 import openai
 import pytest
@@ -235,3 +238,91 @@ def test_bench_reports_the_hop_apart_from_vllm_and_warns_about_another_gpu(
     assert run["engine_ms"]["p50"] >= 50 and run["hop_ms"]["p50"] >= 39
     assert run["hop_ms"]["p99"] >= run["hop_ms"]["p50"]
     assert run["metrics"]["ttft_ms"]["mean"] >= run["engine_ms"]["mean"] + run["hop_ms"]["mean"]
+
+
+# ## The emulators behave as the SDK's source says (what the tests above rely on)
+
+
+class Counter:
+    """A plain pool class: `count` yields n numbers slowly, `wait` sleeps, `fail` raises."""
+
+    produced: ClassVar[list[int]] = []
+
+    @modal.method()
+    async def count(self, n: int):
+        for i in range(n):
+            Counter.produced.append(i)
+            yield i
+            await asyncio.sleep(0.01)
+
+    @modal.method()
+    async def wait(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    @modal.method()
+    async def fail(self) -> None:
+        raise ValueError("the method's own error")
+
+
+def test_the_sdk_fakes_behave_as_the_sdk(workspace):
+    Counter.produced = []
+    pool = workspace.pool(Counter)
+
+    async def run():
+        obj = pool()
+        # A .remote_gen consumer that stops reading does not stop the generator.
+        gen = obj.count.remote_gen.aio(50)
+        assert [await anext(gen), await anext(gen)] == [0, 1]
+        await gen.aclose()
+        await asyncio.wait_for(asyncio.shield(pool.inputs[0].result), 10)
+        assert len(Counter.produced) == 50
+        # A generator cannot be spawned; spawn returns at once, get blocks for the result.
+        with pytest.raises(modal.exception.InvalidError, match="Cannot `spawn` a generator"):
+            await obj.count.spawn.aio(1)
+        call = await obj.wait.spawn.aio(0.3)
+        with pytest.raises(TimeoutError):  # Python's, as FunctionCall.get(timeout=) raises
+            await call.get.aio(timeout=0.01)
+        assert await call.get.aio() == "done"
+        # cancel stops the work at the next heartbeat; get then raises RemoteError.
+        call = await obj.wait.spawn.aio(30)
+        await asyncio.sleep(0.05)
+        await call.cancel.aio()
+        with pytest.raises(modal.exception.RemoteError):
+            await asyncio.wait_for(call.get.aio(), 5)
+        # The method's own exception reaches the caller as itself.
+        with pytest.raises(ValueError, match="the method's own error"):
+            await obj.fail.remote.aio()
+        await workspace.shutdown()
+
+    asyncio.run(run())
+    assert pool.boots == 1
+
+
+class BadEnter:
+    @modal.enter()
+    def start(self) -> None:
+        raise RuntimeError("cannot start")
+
+    @modal.method()
+    async def wait(self) -> None:
+        pass
+
+
+def test_a_failing_enter_hook_crash_loops_then_fails_the_waiting_inputs(workspace):
+    workspace.boot_attempts = 4
+    pool = workspace.pool(BadEnter)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="cannot start"):
+            await pool().wait.remote.aio()
+
+    asyncio.run(run())
+    assert pool.boots == 4 and len(pool.boot_errors) == 4  # a new container each time
+
+
+def test_the_ingress_answers_at_once_when_the_response_starts_in_time(workspace):
+    vllm = StandIn([MODEL.name])
+    with endpoint(workspace, vllm) as (url, ingress, _):
+        assert ask_httpx(url).startswith("This is the stand-in answering")
+        assert ingress.handoffs == [] and ingress.result_fetches == []

@@ -681,6 +681,30 @@ def test_the_legacy_gateway_retires_its_container_when_vllm_dies(monkeypatch, wo
     assert app.handoff_after == gpu_pool.HANDOFF_AFTER  # Modal's 303 is not a client leaving
 
 
+def test_a_legacy_app_records_why_its_vllm_did_not_start(monkeypatch, workspace):
+    class FailingEngine:
+        def __init__(self, argv, env=None):
+            pass
+
+        def start(self):
+            pass
+
+        def wait_ready(self, timeout):
+            raise engine.EngineError(OOM)
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(engine, "Engine", FailingEngine)
+    monkeypatch.setattr(vllm_server, "_BUILT", {})
+    monkeypatch.setenv("MODEL_KEY", "gemma-3-12b-l40s")
+    monkeypatch.setenv("API_KEY", "k" * 20)
+    with pytest.raises(engine.EngineError):  # Modal restarts the container, as before
+        vllm_server.serve()
+    record = workspace.dicts[plan.STATE_DICT].data["failure:vllm-gemma-3-12b-l40s:gemma-3-12b"]
+    assert record["error"] == "vLLM exited with code 1 before it was ready"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_starting_engine_in_the_pool_is_a_503_with_retry_after(workspace, stream):
     starting = StandIn([MODEL.name], ready_after=60)
