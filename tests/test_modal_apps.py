@@ -681,6 +681,18 @@ def test_the_legacy_gateway_retires_its_container_when_vllm_dies(monkeypatch, wo
     assert app.handoff_after == gpu_pool.HANDOFF_AFTER  # Modal's 303 is not a client leaving
 
 
+def test_the_router_waits_for_its_pools_then_answers_itself(monkeypatch):
+    monkeypatch.setattr(vllm_gpu_server, "_BUILT", {})
+    monkeypatch.setenv("GPU_KEY", "h100")
+    monkeypatch.setenv("API_KEY", "k" * 20)
+    app = vllm_gpu_server.serve()
+    backend = app.backend
+    assert isinstance(backend, router_backend.ModalBackend)
+    assert backend.deadline == plan.timeouts(MATRIX.defaults).router_wait == 5400
+    assert backend.failures.app == "vllm-h100" and backend.cancel_marks.ttl == 5400
+    assert app.handoff_after == gpu_pool.HANDOFF_AFTER == 120
+
+
 def test_a_legacy_app_records_why_its_vllm_did_not_start(monkeypatch, workspace):
     class FailingEngine:
         def __init__(self, argv, env=None):
