@@ -534,12 +534,12 @@ def test_a_fresh_failure_record_answers_503_at_once_and_a_good_start_clears_it(
         with pytest.raises(BackendError) as first:  # waits, then reads the record
             await backend.send(MODEL, gateway.CHAT, BODY, [])
         await eventually(lambda: pool.running() == 0 and not pool.pending)
-        calls = workspace.rpcs["FunctionMap"]
+        calls, looks = workspace.rpcs["FunctionMap"], workspace.rpcs["DictGet"]
         started = time.monotonic()
         with pytest.raises(BackendError) as second:  # at once: no call, no look-up
             await backend.stream(MODEL, gateway.COMPLETIONS, STREAM_BODY, []).__anext__()
         at_once = time.monotonic() - started
-        assert workspace.rpcs["FunctionMap"] == calls
+        assert (workspace.rpcs["FunctionMap"], workspace.rpcs["DictGet"]) == (calls, looks)
         # The record goes stale; the next call starts a container that works and clears it.
         broken["reason"] = ""
         workspace.dicts[plan.STATE_DICT].data[key]["at"] -= pool_state.FRESH_SECONDS
@@ -551,7 +551,7 @@ def test_a_fresh_failure_record_answers_503_at_once_and_a_good_start_clears_it(
         assert error.status == 503 and 250 <= error.retry_after <= 300
         assert error.message.startswith("model engine failed to start ")
         assert error.message.endswith(" s ago: vLLM exited with code 1 before it was ready")
-    assert at_once < 0.1
+    assert at_once < 1.0  # generous for a loaded machine; the RPC counts above are the proof
     assert answer[0] == 200
     assert key not in workspace.dicts[plan.STATE_DICT].data
     assert workspace.rpcs["DictGet"] >= 1
