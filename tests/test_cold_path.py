@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 from contextlib import contextmanager
 from typing import ClassVar
@@ -75,6 +76,8 @@ def ask_httpx(url: str) -> str:
 
 def ask_curl(url: str, *extra: str) -> str:
     """The README's curl, with -L: -d makes it a POST, which a 303 turns into a GET."""
+    if shutil.which("curl") is None:  # CI needs python3 only
+        pytest.skip("curl is not installed")
     body = json.dumps({"model": MODEL.name, "messages": MESSAGES, "max_tokens": 8})
     done = subprocess.run(["curl", "-sS", "-L", *extra, url + gateway.CHAT,
                            "-H", f"Authorization: Bearer {KEY}",
