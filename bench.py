@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import config
+import pool_state
 
 DEFAULT_RESULTS_DIR = Path("results")
 RESULT_KIND = "modal-vllm-bench"
@@ -88,6 +89,11 @@ class RequestRecord:
     output_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    # From the endpoint's Server-Timing (GPU apps only): the router-to-pool hop (the pool's
+    # time less vLLM's) and vLLM's own time to its first byte, in seconds; and its GPU header.
+    hop: float | None = None
+    engine: float | None = None
+    gpu: str | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -98,17 +104,23 @@ class RequestRecord:
 
 def record_from_timings(sent: float, chunk_times: Sequence[float], *,
                         output_tokens: int | None = None, prompt_tokens: int = 0,
-                        error: str = "") -> RequestRecord:
+                        error: str = "", timings: dict | None = None,
+                        gpu: str | None = None) -> RequestRecord:
     """One streamed request: when it was sent and when each chunk with choices arrived.
 
     Output tokens come from the server's usage report; without one, one per chunk.
+    `timings`: its Server-Timing entries in ms (pool_state.parse_server_timing).
     """
     if error or not chunk_times:
         return RequestRecord(False, error=error or "no chunk with choices arrived")
     itl = tuple(b - a for a, b in itertools.pairwise(chunk_times))
     tokens = output_tokens if output_tokens is not None else len(chunk_times)
+    timings = timings or {}
+    pool, engine = timings.get("pool"), timings.get("engine")
+    hop = (pool - engine) / 1000 if pool is not None and engine is not None else None
     return RequestRecord(True, chunk_times[0] - sent, chunk_times[-1] - sent, itl, tokens,
-                         prompt_tokens)
+                         prompt_tokens, hop=hop, engine=None if engine is None else engine / 1000,
+                         gpu=gpu)
 
 
 def _stats_ms(values: Sequence[float]) -> dict[str, float | None]:
@@ -238,7 +250,15 @@ async def timed_request(endpoint, model: config.Model, prompt: str,
                 await resp.aread()
                 return record_from_timings(sent, [], error=f"HTTP {resp.status_code}: "
                                                              f"{error_message(resp)}")
+            timing_values = resp.headers.get_list("server-timing")
+            gpu = resp.headers.get(pool_state.GPU_HEADER.decode())
             async for line in resp.aiter_lines():
+                if line.startswith(": "):  # headers that came after the status line
+                    name, _, value = line[2:].partition(": ")
+                    if name == "server-timing":
+                        timing_values.append(value)
+                    elif name == pool_state.GPU_HEADER.decode():
+                        gpu = value
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -262,7 +282,8 @@ async def timed_request(endpoint, model: config.Model, prompt: str,
     except ValueError:
         return record_from_timings(sent, [], error="a chunk is not JSON")
     return record_from_timings(sent, chunk_times, output_tokens=usage.get("completion_tokens"),
-                               prompt_tokens=usage.get("prompt_tokens") or 0)
+                               prompt_tokens=usage.get("prompt_tokens") or 0,
+                               timings=pool_state.parse_server_timing(timing_values), gpu=gpu)
 
 
 async def run_load(endpoint, model: config.Model, settings: Settings,
@@ -316,6 +337,25 @@ def build_result(target, model: config.Model, settings: Settings, metrics: dict,
     }
 
 
+def what_the_endpoint_reported(records: Sequence[RequestRecord], pool) -> dict:
+    """The hop and vLLM's time to first byte (null when the endpoint sends no Server-Timing,
+    e.g. --base-url in front of plain vLLM), the GPU it ran on, and a warning when that is not
+    the GPU of the key (Modal may run "H100" on an H200: "H100!" in models.yaml pins it)."""
+    done = [r for r in records if r.ok]
+    hops = [r.hop for r in done if r.hop is not None]
+    engine = [r.engine for r in done if r.engine is not None]
+    gpu = next((facts for r in done if (facts := pool_state.parse_facts_header(r.gpu))), None)
+    warning = None
+    if gpu and (gpu["count"] != pool.fit.count
+                or not pool_state.gpu_matches(pool.fit.gpu.modal_gpu, gpu["name"])):
+        warning = (f"ran on {gpu['count']}x {gpu['name']}, not the {pool.fit.gpu_string} of "
+                   f"'{pool.fit.gpu.key}': its numbers are that GPU's (pin the type with "
+                   f"modal_gpu: {pool.fit.gpu.modal_gpu.rstrip('!+')}! in models.yaml)")
+    return {"gpu_actual": gpu, "gpu_warning": warning,
+            "hop_ms": _stats_ms(hops) if hops else None,
+            "engine_ms": _stats_ms(engine) if engine else None}
+
+
 def save_result(result: dict, results_dir: Path) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +400,8 @@ def run_bench(target, settings: Settings, *, results_dir: Path, max_ttft_ms: flo
         raise config.UserError(f"{model.key} did not become ready: {woken.reason}")
     metrics = summarize(records, wall)
     result = build_result(target, model, settings, metrics, woken.ready_after_s, started_at)
+    pool = next(p for p in target.app.pools if p.model == model)
+    result.update(what_the_endpoint_reported(records, pool))
     saved = save_result(result, results_dir)
     rows = rank(latest_per_gpu(load_results(results_dir, model.key), settings),
                 max_ttft_ms=max_ttft_ms, max_tpot_ms=max_tpot_ms)
@@ -399,6 +441,11 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
     for label, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"),
                        ("E2EL", "e2el_ms")):
         metrics.add_row(label, *(_num(m[key][q]) for q in ("mean", "p50", "p99")))
+    # Server-Timing of the first byte: vLLM's own time, and the hop to the pool and back.
+    for label, stats in (("of TTFT: vLLM", result.get("engine_ms")),
+                         ("of TTFT: Modal hop", result.get("hop_ms"))):
+        if stats:
+            metrics.add_row(label, *(_num(stats[q]) for q in ("mean", "p50", "p99")))
     console.print(metrics)
     lines = [
         (f"Requests    {m['completed']} completed, {m['failed']} failed in "
@@ -413,6 +460,12 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
         f"{result['gpu']} per replica (assumes {result['cost_assumption']})"),
         f"Saved       {saved}",
     ]
+    gpu = result.get("gpu_actual")
+    if gpu:
+        lines.insert(-1, escape(f"GPU         {gpu['count']}x {gpu['name']}, driver "
+                                f"{gpu['driver']}, vLLM {gpu['vllm']}"))
+    if result.get("gpu_warning"):
+        lines.insert(-1, f"[yellow]Warning[/yellow]     {escape(result['gpu_warning'])}")
     for error in m["errors"]:
         lines.append(f"[red]Failed[/red]      {escape(error)}")
     for line in lines:

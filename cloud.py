@@ -123,7 +123,6 @@ try:
     import modal.exception
     import modal.experimental
     import modal.output
-    import modal.runner
 except Exception as exc:  # only modal's InvalidError is expected here
     if type(exc).__name__ != "InvalidError":
         raise
@@ -131,6 +130,7 @@ except Exception as exc:  # only modal's InvalidError is expected here
                                 "remove it, then run `uv run modal token new`") from exc
 
 import gpu_pool  # imports modal itself
+import pool_state
 
 
 def _env_note(environment: str | None) -> str:
@@ -296,13 +296,23 @@ def check_adapters_uploaded(apps: list[plan.App], environment: str | None) -> No
         raise AdapterMissingError("\n".join(problems))
 
 
-def deployed_apps(environment: str | None) -> dict[str, modal.experimental.AppInfo]:
-    """Deployed apps of the environment, by name, with their running containers."""
+@dataclass(frozen=True)
+class DeployedApp:
+    name: str
+    containers: int  # running containers of all its functions
+
+
+def deployed_apps(environment: str | None) -> dict[str, DeployedApp]:
+    """Deployed apps of the environment, by name, with their running containers.
+
+    Modal lists them only through `modal.experimental`, which may change: this is the one
+    place that calls it, and nothing else sees its types.
+    """
     try:
         infos = modal.experimental.list_deployed_apps(environment_name=environment or "")
     except Exception as exc:
         raise translate(exc, "listing deployed apps") from exc
-    return {info.name: info for info in infos}
+    return {info.name: DeployedApp(info.name, info.containers) for info in infos}
 
 
 def matrix_app_names(matrix: config.Matrix) -> set[str]:
@@ -436,14 +446,24 @@ def deploy_built(built: gpu_pool.Built, environment: str | None) -> DeployResult
     name = built.plan.name
     started = time.monotonic()
     try:
-        modal.runner.deploy_app(built.app, name=name, environment_name=environment)
-        # Deployed, the web function knows its URL; otherwise (never seen) ask by name.
-        url = built.web.get_web_url() if built.web._is_hydrated else None
-        url = url.rstrip("/") if url else web_url(built.plan, environment)
+        built.app.deploy(name=name, environment_name=environment)
+        url = web_url(built.plan, environment)
     except Exception as exc:  # noqa: BLE001 - one app's failure must not stop the others
         error = translate(exc, f"deploying {name}", building=True)
         return DeployResult(name, time.monotonic() - started, error=error)
+    clear_failures(built.plan, environment)
     return DeployResult(name, time.monotonic() - started, url)
+
+
+def clear_failures(app: plan.App, environment: str | None) -> None:
+    """A deploy starts clean: the router must not answer 503 from the previous deployment's
+    start-up failure. Best effort: a record left behind goes stale within minutes."""
+    if app.kind != "gpu":  # only a router consults the records
+        return
+    try:
+        pool_state.Records(environment).clear_failures(app.name, [p.model.key for p in app.pools])
+    except Exception:  # noqa: BLE001, S110 - the deploy itself succeeded
+        pass
 
 
 def deploy_many(builts: list[gpu_pool.Built], environment: str | None, console,
@@ -549,10 +569,15 @@ class AppStatus:
     url: str = ""
     containers: int = 0  # every running container of the app (router and pools)
     pools: dict[str, int | None] = field(default_factory=dict)  # model -> containers
+    # What each model's pool recorded (pool_state.py): the GPU its last good start got,
+    # and a start-up failure not yet cleared by a good start.
+    gpu_actual: dict[str, dict | None] = field(default_factory=dict)
+    failures: dict[str, dict | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"app": self.app, "kind": self.kind, "gpu": self.gpu, "deployed": self.deployed,
-                "url": self.url or None, "containers": self.containers, "pools": self.pools}
+                "url": self.url or None, "containers": self.containers, "pools": self.pools,
+                "gpu_actual": self.gpu_actual, "failures": self.failures}
 
 
 def pool_containers(app_name: str, model_key: str, environment: str | None) -> int | None:
@@ -560,18 +585,32 @@ def pool_containers(app_name: str, model_key: str, environment: str | None) -> i
     cls = modal.Cls.from_name(app_name, gpu_pool.pool_class_name(model_key),
                               environment_name=environment)
     try:
-        # The class's service function carries the pool's containers; Modal's own CLI
-        # reaches it the same way (modal/cli/shell.py).
-        stats = cls._get_class_service_function().get_current_stats()
+        # A method of an instance is a Function on the class's own service function (a class
+        # without parameters uses it as it is: modal/cls.py, _Obj._cached_service_function),
+        # so its current stats are the pool's.
+        stats = cls().request.get_current_stats()
     except modal.exception.NotFoundError:
         return None
     return stats.num_total_runners
 
 
-def app_status(app: plan.App, info, environment: str | None) -> AppStatus:
+def read_records(environment: str | None) -> dict:
+    """Every pool's records (start-up failures, GPUs got): one RPC for all apps."""
+    try:
+        return pool_state.Records(environment, create=False).read()
+    except Exception as exc:
+        raise translate(exc, "reading the pools' records") from exc
+
+
+def app_status(app: plan.App, info, environment: str | None, records: dict) -> AppStatus:
     status = AppStatus(app.name, app.kind, app.gpu.key, info is not None)
     if info is None:
         return status
+    models = [p.model.key for p in app.pools]
+    status.gpu_actual = {m: _plain_record(records.get(pool_state.gpu_key(app.name, m)))
+                         for m in models}
+    status.failures = {m: _plain_record(records.get(pool_state.failure_key(app.name, m)))
+                       for m in models}
     status.containers = info.containers
     try:
         status.url = web_url(app, environment)
@@ -585,14 +624,19 @@ def app_status(app: plan.App, info, environment: str | None) -> AppStatus:
     return status
 
 
+def _plain_record(record) -> dict | None:
+    return dict(record) if isinstance(record, dict) else None
+
+
 def status(matrix: config.Matrix, environment: str | None) -> list[AppStatus]:
     require_credentials()
     apps = plan.all_gpu_apps(matrix) + plan.all_legacy_apps(matrix)
     deployed = deployed_apps(environment)
+    records = read_records(environment) if any(a.name in deployed for a in apps) else {}
 
     def one(app: plan.App) -> AppStatus:
         try:
-            return app_status(app, deployed.get(app.name), environment)
+            return app_status(app, deployed.get(app.name), environment, records)
         except config.UserError:
             raise
         except Exception as exc:
@@ -621,16 +665,63 @@ def status_command(matrix: config.Matrix, *, environment: str | None, as_json: b
                       pools or "-")
     console = _console()
     console.print(table)
+    pools = pool_table(matrix, rows)
+    if pools is not None:
+        console.print(pools)
     up = sum(r.deployed for r in rows)
     console.print(f"{up} of {len(rows)} apps deployed, "
                   f"{sum(r.containers for r in rows)} containers running.")
 
 
+def _ago(at) -> str:
+    seconds = max(0, int(time.time() - at)) if isinstance(at, int | float) else None
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def gpu_cell(facts: dict | None, asked: str) -> str:
+    """What the pool's last good start ran on; flagged when it is not the GPU asked for."""
+    from rich.markup import escape
+
+    if not facts:
+        return "-"
+    text = escape(f"{facts.get('count')}x {facts.get('name')}, driver {facts.get('driver')}, "
+                  f"vLLM {facts.get('vllm')} ({_ago(facts.get('at'))})")
+    if not pool_state.gpu_matches(asked, str(facts.get("name", ""))):
+        text += f" [yellow](asked for {escape(asked)})[/yellow]"
+    return text
+
+
+def pool_table(matrix: config.Matrix, rows: list[AppStatus]):
+    """One row per model pool of the deployed apps: containers, GPU got, last failure."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    deployed = [r for r in rows if r.deployed and r.pools]
+    if not deployed:
+        return None
+    table = Table(title="Model pools of the deployed apps", title_justify="left")
+    for column in ("app", "model", "containers", "GPU it runs on", "start-up failure"):
+        table.add_column(column, no_wrap=column != "start-up failure")
+    for r in deployed:
+        asked = matrix.gpus[r.gpu].modal_gpu
+        for model, containers in r.pools.items():
+            failure = r.failures.get(model)
+            table.add_row(r.app, model, "?" if containers is None else str(containers),
+                          gpu_cell(r.gpu_actual.get(model), asked),
+                          f"[red]{_ago(failure.get('at'))}: {escape(str(failure.get('error')))}"
+                          "[/red]" if failure else "-")
+    return table
+
+
 # ## Stopping
 
 
-def apps_to_stop(matrix: config.Matrix, key: str,
-                 deployed: dict[str, modal.experimental.AppInfo],
+def apps_to_stop(matrix: config.Matrix, key: str, deployed: dict[str, DeployedApp],
                  environment: str | None) -> list[plan.App]:
     if key.strip().lower() == "all":
         apps = plan.all_gpu_apps(matrix) + plan.all_legacy_apps(matrix)

@@ -430,6 +430,11 @@ def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
             if not key_pattern.match(key):
                 problems.append(f"{where}: {section}.{key}: keys are lower-case letters, "
                                 "digits, '.' and '-'")
+    for key, gpu in parsed.gpus.items():  # "H100!" pins the type: Modal may run "H100" on an H200
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*[!+]?", gpu.modal_gpu):
+            problems.append(f"{where}: gpus.{key}.modal_gpu: '{gpu.modal_gpu}' is not a Modal GPU "
+                            "type such as L40S, A100-80GB, H100 or H100! (the count comes from "
+                            "the fit check)")
     owner: dict[str, str] = {}
     for key, model in parsed.models.items():
         at = f"{where}: models.{key}"

@@ -198,6 +198,7 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
             "volumes": {at: name for p in app.pools for at, name in p.volumes.items()}
             or dict(plan.VOLUMES),
             "vllm_version": defaults.vllm_version,
+            "timeouts": _timeouts(app, defaults),
             "pools": [
                 {
                     "model": p.model.key,
@@ -222,6 +223,20 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
     ]
 
 
+def _timeouts(app, defaults: config.Defaults) -> dict:
+    import plan
+
+    t = plan.timeouts(defaults)
+    own = {"startup_seconds": t.startup, "request_seconds": t.request}
+    if app.kind == "legacy":  # its web function is the engine: no router in front
+        return own
+    return {"router_seconds": t.router, "router_waits_seconds": t.router_wait, **own}
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds / 60:g} min" if seconds % 60 == 0 else f"{seconds} s"
+
+
 def show_plan(matrix: config.Matrix, apps) -> None:
     from rich.markup import escape
 
@@ -235,6 +250,14 @@ def show_plan(matrix: config.Matrix, apps) -> None:
             "  volumes    " + ", ".join(f"{name} at {at}" for at, name in app["volumes"].items()),
             f"  image      vllm=={escape(app['vllm_version'])}",
         ]
+        t = app["timeouts"]
+        pools = f"{_duration(t['startup_seconds'])} to start, {_duration(t['request_seconds'])} a request"
+        if "router_seconds" in t:
+            lines.append(f"  timeouts   pools {pools}; router {_duration(t['router_seconds'])} "
+                         f"(waits {_duration(t['router_waits_seconds'])} for a pool: both, "
+                         "as a wait for a GPU is in neither)")
+        else:
+            lines.append(f"  timeouts   {pools}")
         for pool in app["pools"]:
             lines += [
                 (f"  [bold]{pool['model']}[/bold] ({escape(pool['served_name'])}) on "

@@ -166,20 +166,26 @@ def refuse_operator_fields(body: dict) -> None:
 
 
 class _Exchange:
-    """One request's response side: status sent, stream state, disconnect watcher."""
+    """One request's response side: status sent, stream state, disconnect watcher, and the
+    gateway's own time (Server-Timing `gateway`: all of it but waiting for the backend)."""
 
-    __slots__ = ("done", "gone", "rid", "send", "started", "status", "watcher")
+    __slots__ = ("done", "gone", "rid", "send", "started", "status", "t0", "waited", "watcher")
 
     def __init__(self, send, rid: bytes):
         self.send, self.rid = send, rid
         self.status, self.started, self.gone, self.watcher, self.done = 0, False, False, None, False
+        self.t0, self.waited = time.perf_counter(), 0.0
+
+    def timing(self) -> tuple[bytes, bytes]:
+        return b"server-timing", b"gateway;dur=%.2f" % (
+            (time.perf_counter() - self.t0 - self.waited) * 1000)
 
     async def reply(self, status: int, body: bytes, headers: tuple = ()) -> None:
         self.finish()
         self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-            (b"x-request-id", self.rid), *headers]})
+            (b"x-request-id", self.rid), *headers, self.timing()]})
         await self.send({"type": "http.response.body", "body": body})
 
     async def start_stream(self, headers=()) -> None:
@@ -187,7 +193,7 @@ class _Exchange:
         await self.send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
-            (b"x-request-id", self.rid), *headers]})
+            (b"x-request-id", self.rid), *headers, self.timing()]})
 
     async def chunk(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -196,16 +202,21 @@ class _Exchange:
         self.finish()
         await self.send({"type": "http.response.body", "body": data})
 
-    def watch(self, receive) -> None:
+    def watch(self, receive, handoff_after: float | None = None) -> None:
         """Cancel this request's task (and so its backend call) if the client goes away."""
-        self.watcher = asyncio.ensure_future(self._watch(receive, asyncio.current_task()))
+        self.watcher = asyncio.ensure_future(
+            self._watch(receive, asyncio.current_task(), handoff_after))
 
-    async def _watch(self, receive, task) -> None:
+    async def _watch(self, receive, task, handoff_after) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not self.done:
-            self.gone = True
-            task.cancel()
+        if self.done:
+            return
+        if (handoff_after is not None and not self.started
+                and time.perf_counter() - self.t0 >= handoff_after):
+            return  # Modal's hand-off to its result URL: the answer is still wanted there
+        self.gone = True
+        task.cancel()
 
     def finish(self) -> None:
         """Before the last send: a completed response also reads as a disconnect."""
@@ -216,7 +227,7 @@ class _Exchange:
 
 class Gateway:
     def __init__(self, models, backend, *, api_key, allow_unauthenticated, unavailable,
-                 max_body_bytes, keepalive_interval):
+                 max_body_bytes, keepalive_interval, handoff_after=None):
         if not api_key and not allow_unauthenticated:
             raise config.UsageError(
                 "no API key configured: set API_KEY (Modal secret 'vllm-api-key') or "
@@ -225,6 +236,7 @@ class Gateway:
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body = max_body_bytes
         self.keepalive = keepalive_interval
+        self.handoff_after = handoff_after
         # Every name a request may use -> (its model's pool, the name vLLM serves it under).
         # A LoRA adapter goes to its base model's pool as itself: `python` or `<base>:python`.
         self.by_name = {alias.lower(): (m, m.name) for m in models for alias in m.aliases}
@@ -330,7 +342,7 @@ class Gateway:
         refuse_operator_fields(data)
         normalize_structured_outputs(data)
         stream = data.get("stream") is True
-        ex.watch(receive)
+        ex.watch(receive, self.handoff_after)
         forward = json.dumps(data).encode()
         if stream:
             await self.relay_stream(ex, model, route, forward)
@@ -391,6 +403,7 @@ class Gateway:
 
     async def relay(self, ex: _Exchange, model, path, body: bytes) -> None:
         headers: list[tuple[bytes, bytes]] = []
+        called = time.perf_counter()
         try:
             status, raw = await self.backend.send(model, path, body, headers)
         except BackendError as e:
@@ -398,6 +411,8 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - a backend bug still gets an OpenAI-shaped answer
             log.warning("backend %s failed: %s", model.key, type(e).__name__)
             raise _reject(502, f"backend for '{model.name}' failed") from None
+        finally:
+            ex.waited = time.perf_counter() - called
         if status >= 400:
             status, payload = upstream_error(status, _json_or_none(raw))
             raw = json.dumps(payload).encode()  # ASCII escapes: a lone surrogate cannot fail it
@@ -413,6 +428,7 @@ class Gateway:
 
     async def relay_stream(self, ex: _Exchange, model, path, body: bytes) -> None:
         headers: list[tuple[bytes, bytes]] = []
+        called = time.perf_counter()
         chunks = self.backend.stream(model, path, body, headers).__aiter__()
         first = asyncio.ensure_future(chunks.__anext__())
         ended = b"\n"
@@ -422,6 +438,7 @@ class Gateway:
             done, _ = await asyncio.wait((first,), timeout=self.keepalive)
             while not done:
                 if not ex.started:
+                    ex.waited = time.perf_counter() - called
                     await ex.start_stream()
                 await ex.chunk(KEEPALIVE)
                 done, _ = await asyncio.wait((first,), timeout=self.keepalive)
@@ -430,8 +447,11 @@ class Gateway:
             except StopAsyncIteration:
                 raise BackendError(502, f"backend for '{model.name}' sent an empty stream") \
                     from None
+            ex.waited = time.perf_counter() - called
             if not ex.started:
                 await ex.start_stream(headers)
+            else:  # the status line went out with the keep-alives: headers as an SSE comment
+                await ex.chunk(late_headers([*headers, ex.timing()]))
             await ex.chunk(chunk)
             ended = chunk[-1:]
             async for chunk in chunks:
@@ -462,6 +482,12 @@ class Gateway:
         await ex.end_stream(lead + b"data: " + json.dumps(body).encode() + b"\n\n")
 
 
+def late_headers(headers) -> bytes:
+    """Response headers that came after the status line, as SSE comment lines (clients skip
+    them): `: server-timing: pool;dur=183004.2`."""
+    return b"".join(b": %s: %s\n" % (k, v) for k, v in headers) + b"\n"
+
+
 def _json_or_none(raw: bytes):
     try:
         return json.loads(raw)
@@ -484,11 +510,15 @@ def upstream_error(status: int, payload) -> tuple[int, dict]:
 
 def build_app(models: list[config.Model], backend: Backend, *, api_key: str | None,
               allow_unauthenticated: bool = False, unavailable: dict[str, str] | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY, keepalive_interval: float = 10.0):
-    """The ASGI app. `unavailable`: names known but not served here (any alias) -> why."""
+              max_body_bytes: int = DEFAULT_MAX_BODY, keepalive_interval: float = 10.0,
+              handoff_after: float | None = None):
+    """The ASGI app. `unavailable`: names known but not served here (any alias) -> why.
+    `handoff_after`: seconds after which a disconnect of a non-streamed request is Modal's
+    303 hand-off to its result URL, not a client that left (None: every disconnect is one)."""
     return Gateway(models, backend, api_key=api_key,
                    allow_unauthenticated=allow_unauthenticated, unavailable=unavailable,
-                   max_body_bytes=max_body_bytes, keepalive_interval=keepalive_interval)
+                   max_body_bytes=max_body_bytes, keepalive_interval=keepalive_interval,
+                   handoff_after=handoff_after)
 
 
 # ## The HTTP backend: OpenAI-compatible servers at known base URLs

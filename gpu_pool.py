@@ -2,8 +2,9 @@
 #
 # Both Modal apps (vllm_gpu_server.py, one per GPU type; vllm_server.py, one
 # per model x GPU) are assembled from the parts here: the container images,
-# the cache volumes, the engine's life cycle inside a GPU container, and
-# `ModalBackend`, the gateway's backend that calls a pool across Modal.
+# the cache volumes, the engine's life cycle inside a GPU container. The
+# router's side of a pool call is router_backend.py; what a pool reports
+# beside its answers (start-up failures, its GPU) is pool_state.py.
 #
 # Everything is built by functions from a `plan.App`, not by decorators at
 # import time, so one process (deploy.py --all) can build all five apps.
@@ -13,10 +14,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
-import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -26,15 +29,24 @@ import config
 import engine
 import gateway
 import plan
+import pool_state
 
 MINUTES = 60  # seconds
 CONTAINER_CONFIG = "/root/models.yaml"  # the matrix, copied into every container
 VLLM_URL = f"http://{engine.HOST}:{engine.PORT}"
 ROUTER_CONCURRENCY = 1000  # the router only relays bytes; one CPU container holds many requests
-PROJECT_MODULES = ("config", "engine", "plan", "gateway", "gpu_pool")
+PROJECT_MODULES = ("config", "engine", "plan", "gateway", "gpu_pool", "pool_state", "router_backend")
 # The router image carries the gateway's own dependencies, at the versions locked here.
 GATEWAY_PACKAGES = ("httpx", "pyyaml", "pydantic", "annotated-types")
 HEALTH_TIMEOUT = 10  # seconds for sleep / wake calls to the local engine
+# Modal answers a web request that has not started its response after 150 s with a 303 to
+# a result URL, and the function runs on (https://modal.com/docs/guide/webhook-timeouts).
+# Whether the app then sees `http.disconnect` is not documented: modal/_runtime/asgi.py only
+# relays what Modal's web server sends. So a disconnect this late is taken for that hand-off
+# (the answer is still wanted, at the result URL), and an earlier one for a client that left.
+# The margin covers the seconds before a cold router sees the request it is timed from.
+WEB_REQUEST_LIMIT = 150  # seconds
+HANDOFF_AFTER = WEB_REQUEST_LIMIT - 30  # seconds
 
 
 def load_matrix() -> config.Matrix:
@@ -46,7 +58,10 @@ def load_matrix() -> config.Matrix:
 #
 # vLLM is installed from PyPI at the version pinned in models.yaml; Modal
 # provides the CUDA driver. The project's modules and the matrix are added
-# last, so editing them does not rebuild the heavy layers.
+# last, so editing them does not rebuild the heavy layers. Each is mounted once:
+# the apps are built with `include_source=False`, so Modal does not add the app
+# module a second time on its own (modal/_utils/function_utils.py,
+# FunctionInfo.get_entrypoint_mount).
 
 
 def _pinned(names) -> list[str]:
@@ -92,38 +107,54 @@ def secrets(names: list[str]) -> list[modal.Secret]:
 #
 # `@modal.enter` starts `vllm serve` on localhost and waits for it under a
 # deadline (engine.py); `@modal.exit` stops it. The router reaches it only
-# through the two methods below, for the two allowlisted paths.
+# through the two methods below, for the two allowlisted paths. Each answer
+# carries the engine's own time and the GPU it ran on (pool_state.py), which
+# the router passes on as response headers.
 
 ALLOWED_PATHS = (gateway.CHAT, gateway.COMPLETIONS)
-
-
 
 
 class LocalEngine:
     """The gateway Backend inside a GPU container: HTTP to this container's own vLLM.
 
-    A vLLM that dies after it was ready never comes back, so a failed call that
-    finds it dead retires the container (Modal starts a fresh one) instead of
+    It adds the engine's time (`engine;dur`, to vLLM's first byte for a stream) and the GPU
+    header to each answer. A vLLM that dies after it was ready never comes back, so a failed
+    call that finds it dead retires the container (Modal starts a fresh one) instead of
     answering 502 until the scaledown window runs out.
     """
 
-    def __init__(self, vllm: engine.Engine, model_key: str, url: str = VLLM_URL):
+    def __init__(self, vllm: engine.Engine, model_key: str, url: str = VLLM_URL,
+                 gpu_header: bytes = b""):
         self.engine = vllm
         self.http = gateway.HTTPBackend({model_key: url})
+        self.gpu_header = gpu_header  # set once the GPU facts are known
         self.retired = False
+
+    def _facts(self, started: float) -> list[tuple[bytes, bytes]]:
+        facts = [pool_state.server_timing("engine", started)]
+        return facts + [(pool_state.GPU_HEADER, self.gpu_header)] if self.gpu_header else facts
 
     async def send(self, model: config.Model, path: str, body: bytes,
                    headers: list | None = None) -> tuple[int, bytes]:
+        started = time.perf_counter()
         try:
-            return await self.http.send(model, path, body, headers)
+            status, raw = await self.http.send(model, path, body)
         except gateway.BackendError:
             await self.retire_if_dead()
             raise
+        if headers is not None:
+            headers += self._facts(started)
+        return status, raw
 
     async def stream(self, model: config.Model, path: str, body: bytes,
                      headers: list | None = None) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        first = True
         try:
-            async for chunk in self.http.stream(model, path, body, headers):
+            async for chunk in self.http.stream(model, path, body):
+                if first and headers is not None:
+                    headers += self._facts(started)
+                first = False
                 yield chunk
         except gateway.BackendError:
             await self.retire_if_dead()
@@ -142,13 +173,15 @@ class LocalEngine:
 
 
 class EngineMethods:
-    """What every model's pool answers. Subclassed per model with `model_key` / `gpu_key` set.
+    """What every model's pool answers. Subclassed per model with `app_name`, `model_key` and
+    `gpu_key` set.
 
     The `@modal.enter` hooks live in the two subclasses, not here: Modal collects
     lifecycle methods from every class in the MRO by name, so a subclass cannot
     drop an inherited `@modal.enter()` by overriding it with `snap=True`.
     """
 
+    app_name = ""
     model_key = ""
     gpu_key = ""
 
@@ -168,35 +201,66 @@ class EngineMethods:
         # safe to hold in a memory snapshot.
         self.backend = LocalEngine(self.engine, self.model_key)
 
-    @modal.method()
-    async def request(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """The engine's status and JSON body, both as the gateway forwards them."""
-        if path not in ALLOWED_PATHS:  # the router never asks for more; refuse anyway
-            return 404, gateway.error_body(404, "not found")
+    @contextlib.contextmanager
+    def _reporting(self, *, ready: bool = True):
+        """Record a start-up failure where the router sees it, then fail as before (Modal
+        restarts the container); on success (`ready`), record the GPU and clear the failure."""
+        records = pool_state.Records()
         try:
-            return await self.backend.send(self.model, path, body)
-        except gateway.BackendError as exc:
-            return exc.status, gateway.error_body(exc.status, exc.message)
+            yield
+        except Exception as exc:
+            records.report_failure(self.app_name, self.model_key, exc)
+            raise
+        if ready:
+            facts = pool_state.gpu_facts()
+            self.backend.gpu_header = pool_state.facts_header(facts)
+            records.report_ready(self.app_name, self.model_key, facts)
 
     @modal.method()
-    async def stream(self, path: str, body: bytes):
-        """Yields the status first, then SSE bytes (200) or one error body (otherwise)."""
+    async def request(self, path: str, body: bytes) -> tuple[int, bytes, list]:
+        """The engine's status and JSON body, both as the gateway forwards them, and the
+        response headers the pool adds (timing, GPU)."""
+        headers: list[tuple[bytes, bytes]] = []
+        if path not in ALLOWED_PATHS:  # the router never asks for more; refuse anyway
+            return 404, gateway.error_body(404, "not found"), headers
+        try:
+            status, raw = await self.backend.send(self.model, path, body, headers)
+        except gateway.BackendError as exc:
+            return exc.status, gateway.error_body(exc.status, exc.message), headers
+        return status, raw, headers
+
+    @modal.method()
+    async def stream(self, path: str, body: bytes, stream_id: str = ""):
+        """Yields (status, headers) first, then SSE bytes (200) or one error body (otherwise).
+
+        Stops when the router marks `stream_id` cancelled (its client left): the input's
+        task is cancelled, which closes the connection to vLLM, which aborts the generation.
+        """
         if path not in ALLOWED_PATHS:
-            yield 404
+            yield 404, []
             yield gateway.error_body(404, "not found")
             return
+        watcher = None
+        if stream_id:
+            if not hasattr(self, "cancel_marks"):
+                self.cancel_marks = pool_state.CancelMarks()
+            watcher = self.cancel_marks.watch(stream_id, asyncio.current_task())
+        headers: list[tuple[bytes, bytes]] = []
         started = False
         try:
-            async for chunk in self.backend.stream(self.model, path, body):
+            async for chunk in self.backend.stream(self.model, path, body, headers):
                 if not started:
                     started = True
-                    yield 200
+                    yield 200, headers
                 yield chunk
         except gateway.BackendError as exc:
             if started:  # the router turns this into an SSE error event
                 raise RuntimeError(exc.message) from None
-            yield exc.status
+            yield exc.status, headers
             yield gateway.error_body(exc.status, exc.message)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     @modal.exit()
     def stop(self) -> None:
@@ -208,42 +272,47 @@ class EnginePool(EngineMethods):
 
     @modal.enter()
     def start(self) -> None:
-        self._boot(sleep_mode=False)
+        with self._reporting():
+            self._boot(sleep_mode=False)
 
 
 class SnapshotEnginePool(EngineMethods):
     """GPU memory snapshot: boot once, put vLLM to sleep, snapshot; later cold starts restore.
 
     Sleep mode's /sleep and /wake_up listen on localhost only and the gateway
-    never forwards them (its routes are an allowlist).
+    never forwards them (its routes are an allowlist). The GPU is recorded after the
+    restore, not before the snapshot: a restored container may run on another machine.
     """
 
     @modal.enter(snap=True)
     def boot_and_sleep(self) -> None:
         import httpx
 
-        self._boot(sleep_mode=True)
-        # A failed sleep must not be snapshotted as if it had worked.
-        httpx.post(f"{VLLM_URL}/sleep", params={"level": 1},
-                   timeout=HEALTH_TIMEOUT * 6).raise_for_status()
+        with self._reporting(ready=False):
+            self._boot(sleep_mode=True)
+            # A failed sleep must not be snapshotted as if it had worked.
+            httpx.post(f"{VLLM_URL}/sleep", params={"level": 1},
+                       timeout=HEALTH_TIMEOUT * 6).raise_for_status()
 
     @modal.enter(snap=False)
     def wake(self) -> None:
         import httpx
 
-        httpx.post(f"{VLLM_URL}/wake_up", timeout=HEALTH_TIMEOUT * 6).raise_for_status()
+        with self._reporting():
+            httpx.post(f"{VLLM_URL}/wake_up", timeout=HEALTH_TIMEOUT * 6).raise_for_status()
 
 
 def pool_class_name(model_key: str) -> str:
     return "Pool_" + "".join(c if c.isalnum() else "_" for c in model_key)
 
 
-def pool_class(pool: plan.Pool, gpu_key: str, module: str) -> type:
+def pool_class(pool: plan.Pool, app_plan: plan.App, module: str) -> type:
     """A fresh subclass for one model, named so the container's re-import finds it."""
     base = SnapshotEnginePool if pool.snapshot else EnginePool
     name = pool_class_name(pool.model.key)
     return type(name, (base,), {"__module__": module, "__qualname__": name,
-                                "model_key": pool.model.key, "gpu_key": gpu_key})
+                                "app_name": app_plan.name, "model_key": pool.model.key,
+                                "gpu_key": app_plan.gpu.key})
 
 
 def gpu_class_options(pool: plan.Pool, defaults: config.Defaults, image: modal.Image) -> dict:
@@ -262,67 +331,6 @@ def gpu_class_options(pool: plan.Pool, defaults: config.Defaults, image: modal.I
         options.update(enable_memory_snapshot=True,
                        experimental_options={"enable_gpu_snapshot": True})
     return options
-
-
-# ## The router's backend: a gateway Backend that calls a pool across Modal
-
-
-def _pool_failure(exc: BaseException):
-    """Map what a Modal call can raise to the gateway's 502 / 503 / 504."""
-    if isinstance(exc, engine.EngineError):
-        # The client gets the headline; vLLM's log tail stays in the container's logs.
-        headline = str(exc).split("; last log lines")[0].splitlines()[0]
-        return gateway.BackendError(503, f"model engine failed to start: {headline}",
-                                    retry_after=30)
-    if isinstance(exc, TimeoutError):  # modal.exception.FunctionTimeoutError is one
-        return gateway.BackendError(504, "model pool timed out")
-    return gateway.BackendError(502, f"model pool failed ({type(exc).__name__})")
-
-
-def _error_message(body: bytes) -> str:
-    """The message of the OpenAI-shaped error body a pool answers with."""
-    return json.loads(body)["error"]["message"]
-
-
-class ModalBackend:
-    """Calls each model's pool: a method call, or a generator call for streams."""
-
-    def __init__(self, pools: dict[str, modal.Cls]):
-        self._pools = pools
-        self._instances: dict[str, object] = {}
-
-    def _pool(self, model: config.Model):
-        if model.key not in self._instances:
-            self._instances[model.key] = self._pools[model.key]()
-        return self._instances[model.key]
-
-    async def send(self, model: config.Model, path: str, body: bytes,
-                   headers: list | None = None) -> tuple[int, bytes]:
-        try:
-            status, payload = await self._pool(model).request.remote.aio(path, body)
-        except Exception as exc:  # every failure becomes an HTTP error
-            raise _pool_failure(exc) from exc
-        if status >= 500:  # the pool's engine failed: the gateway adds Retry-After to a 503
-            raise gateway.BackendError(status, _error_message(payload))
-        return status, payload
-
-    async def stream(self, model: config.Model, path: str, body: bytes,
-                     headers: list | None = None) -> AsyncIterator[bytes]:
-        try:
-            chunks = self._pool(model).stream.remote_gen.aio(path, body)
-            status = await anext(chunks)
-            if status != 200:
-                error = await anext(chunks)
-                raise gateway.BackendError(status, _error_message(error))
-        except gateway.BackendError:
-            raise
-        except Exception as exc:
-            raise _pool_failure(exc) from exc
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as exc:  # the gateway ends the stream with an error event
-            raise gateway.BackendError(502, f"model pool failed mid-stream: {exc}") from exc
 
 
 # ## What each app module builds: kept here, not read back from Modal

@@ -24,6 +24,13 @@ VOLUMES = {
 }
 ADAPTERS_VOLUME = "vllm-lora-adapters"  # LoRA adapters, uploaded by deploy.py --upload-adapter
 WEB_FUNCTION = "serve"  # the one web endpoint of every app; its name is in the URL
+# What a pool tells the router and --status beyond its answers (pool_state.py): its last
+# start-up failure and the GPU it runs on, and the marks that stop a stream whose client left.
+STATE_DICT = "modal-vllm-state"
+CANCEL_QUEUE = "modal-vllm-stream-cancel"
+
+MODAL_MAX_TIMEOUT = 24 * 3600  # seconds: Modal runs no function input longer
+ROUTER_TIMEOUT_MARGIN = 60  # seconds the router keeps, past its wait, to answer 504 itself
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,30 @@ class App:
     def secrets(self) -> list[str]:
         names = [API_KEY_SECRET] + [s for p in self.pools for s in p.secrets]
         return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long each part may take, nested so that the client hears the gateway's 504, not
+    Modal's own timeout.
+
+    A pool's `timeout` counts one request and its `startup_timeout` one cold start, but neither
+    counts the time an input waits for a GPU (Modal: "timeouts do not include scheduling").
+    The router's clock runs through all of it, so it waits up to startup + request for a pool
+    (`router_wait`) and its own function timeout is that plus a margin to answer; both capped
+    by Modal's 24 hours.
+    """
+
+    startup: int  # a pool's cold start: container start, weights, vLLM load
+    request: int  # one request on a pool (and on a legacy app's web function)
+    router: int  # the router function's timeout
+    router_wait: int  # how long the router waits for a pool before answering 504
+
+
+def timeouts(defaults: config.Defaults) -> Timeouts:
+    startup, request = defaults.startup_timeout_seconds, defaults.request_timeout_seconds
+    router = min(startup + request + ROUTER_TIMEOUT_MARGIN, MODAL_MAX_TIMEOUT)
+    return Timeouts(startup, request, router, router - ROUTER_TIMEOUT_MARGIN)
 
 
 def pool_for(fit: config.Fit, defaults: config.Defaults, *, snapshots: bool = True) -> Pool:

@@ -20,6 +20,8 @@ import modal
 import config
 import gpu_pool
 import plan
+import pool_state
+import router_backend
 
 MODULE = __name__
 
@@ -34,12 +36,20 @@ def serve():
     from gateway import api_key_from_env, build_app
 
     built = _container_app()
+    timeouts = plan.timeouts(gpu_pool.load_matrix().defaults)
+    backend = router_backend.ModalBackend(
+        built.pools,
+        deadline=timeouts.router_wait,  # then 504, before Modal's own timeout cuts the router
+        failures=pool_state.FailureWatch(built.plan.name),  # a pool that cannot start: 503
+        cancel_marks=pool_state.CancelMarks(timeouts.router_wait),  # streams whose client left
+    )
     return build_app(
         [pool.model for pool in built.plan.pools],
-        gpu_pool.ModalBackend(built.pools),
+        backend,
         api_key=api_key_from_env(),  # from the `vllm-api-key` secret; refuses to start without
         unavailable={alias: f"does not fit on {f.gpu.modal_gpu}: {f.reason}"
                      for f in built.plan.skipped for alias in f.model.aliases},
+        handoff_after=gpu_pool.HANDOFF_AFTER,  # a disconnect this late is Modal's 303, not the client
     )
 
 
@@ -57,13 +67,13 @@ def smoke_test(model: str = "", api_key: str = "", timeout: int = 20 * gpu_pool.
 def build(matrix: config.Matrix, gpu_key: str) -> gpu_pool.Built:
     app_plan = plan.gpu_app(matrix, gpu_key)
     defaults = matrix.defaults
-    app = modal.App(app_plan.name)
+    app = modal.App(app_plan.name, include_source=False)  # the images add every module, once
     env = {"GPU_KEY": app_plan.gpu.key}  # the container rebuilds this same app on import
     gpu_image = gpu_pool.vllm_image(matrix, env, (MODULE,))
 
     pools = {}
     for pool in app_plan.pools:
-        cls = gpu_pool.pool_class(pool, app_plan.gpu.key, MODULE)
+        cls = gpu_pool.pool_class(pool, app_plan, MODULE)
         globals()[cls.__name__] = cls  # the name Modal looks up in the container
         concurrent = modal.concurrent(max_inputs=defaults.max_concurrent_inputs)  # per replica
         pools[pool.model.key] = app.cls(**gpu_pool.gpu_class_options(pool, defaults, gpu_image))(
@@ -76,7 +86,9 @@ def build(matrix: config.Matrix, gpu_key: str) -> gpu_pool.Built:
         cpu=1.0,  # the router relays bytes; one core is plenty
         memory=1024,  # MiB; room for 32 MiB request bodies in flight
         scaledown_window=defaults.scaledown_window_seconds,  # stay up as long as the pools
-        timeout=defaults.request_timeout_seconds,  # long generations pass through it
+        # Its clock runs while a pool queues for a GPU and starts, which the pools' own
+        # timeouts do not count: it waits startup + request (plan.Timeouts), capped at 24 h.
+        timeout=plan.timeouts(defaults).router,
         name=plan.WEB_FUNCTION,
     )(modal.concurrent(max_inputs=gpu_pool.ROUTER_CONCURRENCY)(modal.asgi_app()(serve)))
 

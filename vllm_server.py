@@ -22,6 +22,7 @@ import config
 import engine
 import gpu_pool
 import plan
+import pool_state
 
 MODULE = __name__
 
@@ -38,14 +39,23 @@ def serve():
     built = _container_app()
     pool = built.plan.pools[0]
     matrix = gpu_pool.load_matrix()
+    records = pool_state.Records()  # what --status shows: the GPU got, or why vLLM failed
     vllm = engine.Engine(pool.argv, env=engine.engine_env())
-    vllm.start()
-    atexit.register(vllm.stop)  # the container's shutdown also ends vLLM and its workers
-    vllm.wait_ready(max(60, matrix.defaults.startup_timeout_seconds - gpu_pool.MINUTES))
+    try:
+        vllm.start()
+        atexit.register(vllm.stop)  # the container's shutdown also ends vLLM and its workers
+        vllm.wait_ready(max(60, matrix.defaults.startup_timeout_seconds - gpu_pool.MINUTES))
+    except Exception as exc:
+        records.report_failure(built.plan.name, pool.model.key, exc)
+        raise
+    facts = pool_state.gpu_facts()
+    records.report_ready(built.plan.name, pool.model.key, facts)
     return build_app(
         [pool.model],
-        gpu_pool.LocalEngine(vllm, pool.model.key),  # a dead vLLM retires this container
+        # A dead vLLM retires this container; answers carry the engine's time and the GPU.
+        gpu_pool.LocalEngine(vllm, pool.model.key, gpu_header=pool_state.facts_header(facts)),
         api_key=api_key_from_env(),  # from the `vllm-api-key` secret; refuses to start without
+        handoff_after=gpu_pool.HANDOFF_AFTER,  # a disconnect this late is Modal's 303
     )
 
 
@@ -61,7 +71,7 @@ def build(matrix: config.Matrix, key: str) -> gpu_pool.Built:
     app_plan = plan.legacy_app(matrix, key)
     defaults = matrix.defaults
     pool = app_plan.pools[0]
-    app = modal.App(app_plan.name)
+    app = modal.App(app_plan.name, include_source=False)  # the image adds every module, once
     env = {"MODEL_KEY": key.strip().lower()}  # the container rebuilds this same app on import
     options = gpu_pool.gpu_class_options(pool, defaults, gpu_pool.vllm_image(matrix, env, (MODULE,)))
     options["secrets"] = gpu_pool.secrets(app_plan.secrets)  # API_KEY, and HF_TOKEN if gated

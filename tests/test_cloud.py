@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 from unittest import mock
 
 import modal
 import modal.exception
 import modal.experimental
-import modal.runner
+import modal_fakes
 import pytest
 from modal.types import FunctionCurrentStats
 from typer.testing import CliRunner
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 import cloud
 import config
 import deploy
+import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 MATRIX = config.load()
@@ -60,13 +62,20 @@ class FakeModal:
         self.list_error: BaseException | None = None
         self.runners: dict[tuple[str, str], int] = {}  # (app, pool class) -> containers
 
-    # modal.runner.deploy_app(app, name=None, *, environment_name=None, tag="")
-    def deploy_app(self, app, name=None, *, environment_name=None, tag=""):
+        # The pools' records (pool_state.Records): a modal.Dict of the fakes.
+        self.workspace = modal_fakes.Workspace()
+
+    # modal.App.deploy(self, *, name=None, environment_name=None, tag="", ...)
+    def deploy_app(self, app, *, name=None, environment_name=None, tag=""):
         assert isinstance(app, modal.App), app
         if name in self.deploy_errors:
             raise self.deploy_errors[name]
         self.deployed[name] = 0
-        return modal.runner.DeployResult(f"ap-{name}", None, None, [])
+        return app
+
+    @property
+    def records(self) -> dict:
+        return self.workspace.dict_from_name(plan.STATE_DICT, create_if_missing=True).data
 
     # modal.Function.from_name(app_name, name, *, environment_name=None)
     def function_from_name(self, app_name, name, *, environment_name=None):
@@ -123,14 +132,14 @@ class FakeModal:
     # modal.Cls.from_name(app_name, name, *, environment_name=None)
     def cls_from_name(self, app_name, name, *, environment_name=None):
         cls = mock.MagicMock(name=f"Cls {app_name}/{name}")
-        service = cls._get_class_service_function.return_value
+        method = cls.return_value.request  # Cls(...).request: a Function on the pool
 
         def stats():
             if (app_name, name) not in self.runners:
                 raise modal.exception.NotFoundError(f"Cls '{name}' not found")
             return FunctionCurrentStats(0, self.runners[app_name, name], 0, 0)
 
-        service.get_current_stats.side_effect = stats
+        method.get_current_stats.side_effect = stats
         return cls
 
 
@@ -144,8 +153,15 @@ def token(monkeypatch):
 def sdk():
     """The SDK patched at the calls cloud.py makes; yields (fake workspace, mocks)."""
     fake = FakeModal()
+    deploy_app = mock.MagicMock(side_effect=fake.deploy_app)
+
+    def deploy(app, **kwargs):  # a method: the mock records the app as its first argument
+        return deploy_app(app, **kwargs)
+
     with (
-        mock.patch("modal.runner.deploy_app", side_effect=fake.deploy_app) as deploy_app,
+        mock.patch.object(modal.App, "deploy", deploy),
+        mock.patch.object(modal.Dict, "from_name",
+                          side_effect=fake.workspace.dict_from_name) as dict_from_name,
         mock.patch.object(modal.Function, "from_name",
                           side_effect=fake.function_from_name) as function_from_name,
         mock.patch.object(modal.Secret, "from_name", side_effect=fake.secret_from_name) as secret,
@@ -157,7 +173,8 @@ def sdk():
         mock.patch.object(modal.Cls, "from_name", side_effect=fake.cls_from_name) as cls,
         mock.patch("modal.enable_output", wraps=modal.enable_output) as enable_output,
     ):
-        fake.mocks = mock.Mock(deploy_app=deploy_app, function_from_name=function_from_name,
+        fake.mocks = mock.Mock(deploy_app=deploy_app, dict_from_name=dict_from_name,
+                               function_from_name=function_from_name,
                                secret_from_name=secret, list_deployed_apps=list_apps,
                                get_app_objects=app_objects, app_lookup=lookup,
                                cls_from_name=cls, enable_output=enable_output)
@@ -522,13 +539,16 @@ def test_status_table_and_json(token, sdk):
     assert result.exit_code == 0, result.output
     rows = {row["app"]: row for row in json.loads(result.stdout)}
     assert len(rows) == 5 + 15  # every app of the matrix, deployed or not
+    nothing = {"gemma-3-12b": None, "gemma-3-27b": None, "qwen3-vl-30b": None}
     assert rows["vllm-h100"] == {
         "app": "vllm-h100", "kind": "gpu", "gpu": "h100", "deployed": True,
         "url": url_of("vllm-h100"), "containers": 3,
-        "pools": {"gemma-3-12b": 1, "gemma-3-27b": 1, "qwen3-vl-30b": None}}
+        "pools": {"gemma-3-12b": 1, "gemma-3-27b": 1, "qwen3-vl-30b": None},
+        "gpu_actual": nothing, "failures": nothing}  # no pool has reported yet
     assert rows["vllm-gemma-3-12b-l40s"]["pools"] == {"gemma-3-12b": 1}
     assert rows["vllm-a100"] == {"app": "vllm-a100", "kind": "gpu", "gpu": "a100",
-                                 "deployed": False, "url": None, "containers": 0, "pools": {}}
+                                 "deployed": False, "url": None, "containers": 0, "pools": {},
+                                 "gpu_actual": {}, "failures": {}}
     sdk.mocks.list_deployed_apps.assert_called_once_with(environment_name="")
     assert sorted(c.args for c in sdk.mocks.cls_from_name.call_args_list) == [
         ("vllm-h100", cls) for cls in sorted(POOLS.values())]
@@ -543,6 +563,50 @@ def test_status_table_and_json(token, sdk):
     a100 = next(line for line in result.stdout.splitlines() if "vllm-a100 " in line)
     assert [c.strip() for c in a100.split("│")[1:-1]] == ["vllm-a100", "no", "-", "-"]
     assert "2 of 20 apps deployed, 4 containers running." in result.stdout
+
+
+H200 = {"name": "NVIDIA H200", "count": 1, "driver": "580.82.07", "vllm": "0.33.0"}
+
+
+def test_status_shows_the_gpu_each_pool_got_and_its_start_up_failure(token, sdk):
+    now = time.time()
+    sdk.deployed.update({"vllm-h100": 2, "vllm-l40s": 1})
+    sdk.runners.update({("vllm-h100", "Pool_gemma_3_12b"): 1, ("vllm-l40s", "Pool_gemma_3_12b"): 1})
+    sdk.records.update({
+        "gpu:vllm-h100:gemma-3-12b": {**H200, "at": now - 7200},  # Modal gave an H200
+        "gpu:vllm-l40s:gemma-3-12b": {**H200, "name": "NVIDIA L40S", "at": now - 60},
+        "failure:vllm-h100:gemma-3-27b": {"error": "vLLM exited with code 1 before it was "
+                                                   "ready", "at": now - 180},
+    })
+    result = run("--status", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["app"]: row for row in json.loads(result.stdout)}
+    assert rows["vllm-h100"]["gpu_actual"]["gemma-3-12b"] == {**H200, "at": now - 7200}
+    assert rows["vllm-h100"]["failures"]["gemma-3-27b"]["error"].startswith("vLLM exited")
+    assert rows["vllm-h100"]["failures"]["gemma-3-12b"] is None
+    sdk.mocks.dict_from_name.assert_called_once_with(plan.STATE_DICT, environment_name=None,
+                                                     create_if_missing=False)
+
+    result = run("--status", env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    cells = {tuple(c.strip() for c in line.split("│")[1:3]): [c.strip() for c in
+                                                              line.split("│")[3:-1]]
+             for line in result.stdout.splitlines() if line.count("│") == 6}
+    assert cells["vllm-h100", "gemma-3-12b"] == [
+        "1", "1x NVIDIA H200, driver 580.82.07, vLLM 0.33.0 (2 h ago) (asked for H100)", "-"]
+    assert cells["vllm-h100", "gemma-3-27b"] == [
+        "?", "-", "3 min ago: vLLM exited with code 1 before it was ready"]
+    assert cells["vllm-l40s", "gemma-3-12b"][1] == (
+        "1x NVIDIA L40S, driver 580.82.07, vLLM 0.33.0 (1 min ago)")
+
+
+def test_a_deploy_clears_the_apps_start_up_failures(token, sdk):
+    sdk.records.update({"failure:vllm-h100:gemma-3-27b": {"error": "x", "at": time.time()},
+                        "failure:vllm-l40s:gemma-3-27b": {"error": "x", "at": time.time()},
+                        "gpu:vllm-h100:gemma-3-27b": H200})
+    result = run("--gpu", "h100")
+    assert result.exit_code == 0, result.output
+    assert sorted(sdk.records) == ["failure:vllm-l40s:gemma-3-27b", "gpu:vllm-h100:gemma-3-27b"]
 
 
 def test_status_when_modal_is_unreachable(token, sdk):
