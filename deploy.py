@@ -34,7 +34,8 @@ EXAMPLES = """
 
 [bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml,
   4 not authenticated with Modal, 5 Modal unreachable, 6 Modal Secret or LoRA adapter missing,
-  7 limit reached (endpoints, quota), 8 build or deploy failed
+  7 limit reached (endpoints, quota), 8 build or deploy failed,
+  9 the local gateway cannot listen
 """
 
 MATRIX = "Matrix"

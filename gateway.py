@@ -454,8 +454,13 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.refresh is not None:  # what the upstream serves, before any request
+                    await self.refresh(force=True)
+                    asking = asyncio.ensure_future(self.refresh.keep_asking())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.refresh is not None:
+                    asking.cancel()
                 close = getattr(self.backend, "aclose", None)
                 if close is not None:
                     await close()
@@ -845,8 +850,9 @@ def _status_error(status: int, raw: bytes, retry_after: str | None, model) -> Ba
 # ## Running it locally in front of servers the user already runs
 
 
-def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, str]:
-    """'MODEL=URL' routes one model; a bare 'URL' every model not named otherwise."""
+def split_upstreams(matrix: config.Matrix, upstreams: list[str]) -> tuple[dict[str, str], str | None]:
+    """'MODEL=URL' routes one model; a bare 'URL' every model not named otherwise:
+    ({model key: URL} for the named ones, the bare URL or None)."""
     if not upstreams:
         raise config.UsageError("--serve-local needs --upstream MODEL=URL (repeatable) or "
                                 "--upstream URL for every model")
@@ -867,32 +873,135 @@ def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, st
         if model.key in named:
             raise config.UsageError(f"--upstream names '{model.key}' twice")
         named[model.key] = url.strip()
+    return named, default
+
+
+def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, str]:
+    """Every model an --upstream may route, to its URL."""
+    named, default = split_upstreams(matrix, upstreams)
     return {key: named.get(key, default) for key in matrix.models
             if named.get(key, default) is not None}
 
 
+async def upstream_model_ids(backend: HTTPBackend, base_url: str) -> set[str] | None:
+    """The ids an OpenAI-compatible server lists at GET /v1/models (lower case), or None."""
+    url = base_url.rstrip("/").removesuffix("/v1") + "/v1/models"
+    aiohttp = backend.aiohttp
+    try:
+        async with backend._session().get(url, headers=backend.headers) as resp:
+            if resp.status != 200:
+                return None
+            listing = json.loads(await resp.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return None
+    return {str(m.get("id")).lower() for m in data if isinstance(m, dict)}
+
+
+class UpstreamDiscovery:
+    """What a bare --upstream URL serves, read from its /v1/models: at start, every
+    `interval` seconds, and when a request names a model it does not list (at most once per
+    `min_interval`). Models routed by MODEL=URL are always served; the matrix's other models
+    are 404s that say the upstream does not serve them."""
+
+    def __init__(self, matrix: config.Matrix, named: dict[str, str], default: str,
+                 backend: HTTPBackend, *, interval: float = 30.0, min_interval: float = 1.0):
+        self.matrix, self.named, self.default, self.backend = matrix, named, default, backend
+        self.interval, self.min_interval = interval, min_interval
+        self.gateway: Gateway | None = None
+        self.served: list[str] | None = None  # model keys, None until the upstream answered
+        self.asked = -float("inf")
+        self.lock = asyncio.Lock()
+
+    def tables(self, listed: set[str] | None) -> tuple[list[config.Model], dict[str, str]]:
+        served, unavailable = [], {}
+        for m in self.matrix.models.values():
+            if m.key in self.named or (listed is not None
+                                       and listed.intersection(a.lower() for a in m.aliases)):
+                served.append(m)
+                continue
+            why = (f"the upstream {self.default} does not list it at /v1/models"
+                   if listed is not None else
+                   f"the upstream {self.default} has not answered /v1/models yet")
+            unavailable.update({alias: why for alias in m.aliases})
+        return served, unavailable
+
+    async def __call__(self, force: bool = False) -> bool:
+        """Ask again; True if what is served changed (Gateway.route then retries)."""
+        now = time.monotonic()
+        if not force and now - self.asked < self.min_interval:
+            return False
+        async with self.lock:
+            if not force and time.monotonic() - self.asked < self.min_interval:
+                return False  # another request asked meanwhile
+            self.asked = time.monotonic()
+            listed = await upstream_model_ids(self.backend, self.default)
+        if listed is None and self.served is not None:
+            return False  # keep serving what it listed last; it may be restarting
+        served, unavailable = self.tables(listed)
+        keys = [m.key for m in served]
+        if keys == self.served:
+            return False
+        self.served = keys
+        self.gateway.set_models(served, unavailable)
+        log.warning(f"  {self.default} serves: " + (", ".join(
+            f"{m.name} ({m.key})" for m in served if m.key not in self.named) or
+            "no model of the matrix" if listed is not None else "(no answer at /v1/models yet)"))
+        return True
+
+    async def keep_asking(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self(force=True)
+
+
 def serve_local(matrix: config.Matrix, upstreams: list[str], *, host: str = "127.0.0.1",
                 port: int = 8080, api_key: str | None,
-                allow_unauthenticated: bool = False) -> None:
+                allow_unauthenticated: bool = False, limits=None) -> None:
     """Run the gateway under uvicorn in front of OpenAI-compatible servers; blocks."""
     import uvicorn
 
-    urls = parse_upstreams(matrix, upstreams)
+    import gateway_server
+
+    named, default = split_upstreams(matrix, upstreams)
+    api_key = clean_api_key(api_key)
     if not api_key and not allow_unauthenticated:
         raise config.UsageError("no API key: set VLLM_API_KEY, or pass --allow-unauthenticated "
                                 "to serve without one")
-    served = [matrix.models[key] for key in urls]
-    unavailable = {alias: "no --upstream was given for it"
-                   for m in matrix.models.values() if m.key not in urls for alias in m.aliases}
+    urls = parse_upstreams(matrix, upstreams)
     backend = HTTPBackend(urls, api_key=os.environ.get("VLLM_UPSTREAM_API_KEY") or None)
+    discovery = None
+    if default is None:
+        served = [matrix.models[key] for key in urls]
+        unavailable = {alias: "no --upstream was given for it" for m in matrix.models.values()
+                       if m.key not in urls for alias in m.aliases}
+    else:  # what the bare URL serves is asked at start-up (the lifespan), before any request
+        discovery = UpstreamDiscovery(matrix, named, default, backend)
+        served, unavailable = discovery.tables(None)
+    gateway_server.configure_logging(sys.stderr)
     app = build_app(served, backend, api_key=api_key,
-                    allow_unauthenticated=allow_unauthenticated, unavailable=unavailable)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+                    allow_unauthenticated=allow_unauthenticated, unavailable=unavailable,
+                    refresh=discovery)
+    if discovery is not None:
+        discovery.gateway = app
+    limits = limits or gateway_server.default_limits()
+    sock = gateway_server.listening_socket(host, port)  # one line and exit 9 if it cannot
+    shown = f"[{host}]" if ":" in host else host
     say = log.warning
-    say(f"gateway on http://{host}:{port}/v1  key {mask_key(api_key)}")
-    for key, url in urls.items():
+    say(f"gateway on http://{shown}:{gateway_server.bound_port(sock)}/v1  key {mask_key(api_key)}")
+    for key, url in named.items():
         say(f"  {matrix.models[key].name} ({key}) -> {url}")
+    if default is not None:
+        say(f"  every other model it lists at /v1/models -> {default}")
     if not api_key:
         say("WARNING: no API key: anyone who can reach this port can use it")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                server_header=False, date_header=False, lifespan="on")
+    server = uvicorn.Server(uvicorn.Config(
+        app, http=gateway_server.protocol_class(limits), ws="none", lifespan="on",
+        log_config=None, access_log=False, server_header=False, date_header=False,
+        timeout_keep_alive=limits.keepalive_timeout))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -227,6 +227,7 @@ class StandIn:
         self.max_model_len = max_model_len
         self.abandoned = False  # set when its server is stopped before it was ready
         self.received: list[dict] = []  # {"method", "path", "headers", "body"}
+        self.raw_bodies: list[bytes] = []
         self.disconnects: list[str] = []
 
     @property
@@ -262,6 +263,7 @@ class StandIn:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         self.received.append({"method": method, "path": path, "headers": headers, "body": body})
+        self.raw_bodies.append(raw)  # the exact bytes, for tests of what is forwarded as is
         if path.startswith("/v1") and self.api_key and \
                 headers.get("authorization") != f"Bearer {self.api_key}":
             return await self._json(send, 401, {"error": "Unauthorized"})  # vLLM's own, bare
