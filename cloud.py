@@ -89,6 +89,7 @@ EXIT_CODES = {
     6: "Modal Secret or LoRA adapter missing",
     7: "limit reached (endpoints, quota)",
     8: "build or deploy failed",
+    9: "the local gateway cannot listen (--serve-local: address in use or not on this machine)",
 }
 
 _MASKED = re.compile(

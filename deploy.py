@@ -34,7 +34,8 @@ EXAMPLES = """
 
 [bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml,
   4 not authenticated with Modal, 5 Modal unreachable, 6 Modal Secret or LoRA adapter missing,
-  7 limit reached (endpoints, quota), 8 build or deploy failed
+  7 limit reached (endpoints, quota), 8 build or deploy failed,
+  9 the local gateway cannot listen
 """
 
 MATRIX = "Matrix"
@@ -524,7 +525,8 @@ def main(
         "--host", help="Address the local gateway listens on.", rich_help_panel=LOCAL)
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(
-        "--port", help="Port of the local gateway.", rich_help_panel=LOCAL)] = 8080,
+        "--port", help="Port of the local gateway (0..65535; 0 picks a free one).",
+        rich_help_panel=LOCAL)] = 8080,
     allow_unauthenticated: Annotated[bool, typer.Option(
         "--allow-unauthenticated", help="Serve without VLLM_API_KEY (anyone who reaches the "
         "port can use it).", rich_help_panel=LOCAL)] = False,

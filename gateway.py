@@ -18,11 +18,16 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Protocol
 from urllib.parse import urlsplit
+
+import msgspec
+from pydantic import TypeAdapter, ValidationError
 
 import config
 
@@ -31,6 +36,9 @@ log = logging.getLogger("gateway")
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # several base64 images
+MAX_DEPTH = 400  # arrays/objects inside each other; 970 deep broke re-encoding (RecursionError)
+MAX_NODES = 100_000  # arrays + objects + object members in one body (a 1000-message chat: ~5000)
+BODY_TIMEOUT = 60.0  # seconds to receive a whole body once its headers arrived
 DEFAULT_RETRY_AFTER = 10  # seconds a client should wait for a starting backend
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see traffic
 
@@ -43,8 +51,10 @@ ERROR_TYPES = {
 }
 
 # Fields vLLM removed in 0.12 (it now ignores them and answers 200 unconstrained).
+# The top-level `structural_tag` went the same way (vLLM 0.33 has it only in structured_outputs).
 LEGACY_CONSTRAINTS = {"guided_json": "json", "guided_regex": "regex",
-                      "guided_choice": "choice", "guided_grammar": "grammar"}
+                      "guided_choice": "choice", "guided_grammar": "grammar",
+                      "structural_tag": "structural_tag"}
 LEGACY_OPTIONS = {"guided_whitespace_pattern": "whitespace_pattern"}
 LEGACY_DROPPED = ("guided_decoding_backend",)  # the backend is server-wide in vLLM 0.33
 LEGACY_FIELDS = frozenset([*LEGACY_CONSTRAINTS, *LEGACY_OPTIONS, *LEGACY_DROPPED])
@@ -54,7 +64,8 @@ CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_
 # Nothing a client of a public endpoint needs; vLLM itself refuses `chat_template`,
 # `logits_processors` and `priority` unless the server opts in.
 OPERATOR_FIELDS = ("kv_transfer_params", "vllm_xargs")
-MAX_N = 128  # completions per request, as OpenAI caps it: one request must not fill a replica
+MAX_N = 128  # sequences per request (n, times the prompts of a completion), as OpenAI caps n:
+# one request must not fill a replica
 CONSTRAINING_FORMATS = ("json_object", "json_schema", "structural_tag")
 
 
@@ -97,6 +108,19 @@ def mask_key(key: str | None) -> str:
     return f"{key[:3]}…{key[-4:]}" if len(key) >= 16 else "…" + "*" * 4
 
 
+def clean_api_key(key: str | None) -> str | None:
+    """The configured key without the whitespace or newline a secret or .env file often adds
+    (kept, it would lock every client out); stripped with a warning that never shows it."""
+    if not key or key == key.strip():
+        return key or None
+    stripped = key.strip()
+    log.warning(json.dumps({"event": "api_key_stripped", "message": (
+        "the configured API key had surrounding whitespace or a newline; it was stripped: "
+        "clients send it without" if stripped else
+        "the configured API key is only whitespace: treated as no key")}))
+    return stripped or None
+
+
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
     error = {"message": message, "type": ERROR_TYPES.get(status, "APIError"),
              "param": param, "code": status}
@@ -118,48 +142,196 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+# ## Reading a request as vLLM will, without building what the gateway does not read
+#
+# vLLM 0.33 parses the body with json.loads and validates it with pydantic in lax mode
+# (`"n": "129"`, `129.0` and `1e3` are 129, 129 and 1000; `"stream": "true"` or `1`
+# streams). The gateway decides on the values vLLM will use, so it coerces the few fields it
+# reads with pydantic itself. It decodes only the top level, each value kept as its raw
+# bytes (msgspec.Raw): a 32 MiB body costs no object per array it holds, and a body that
+# needs no change is forwarded byte for byte. msgspec and json.loads agree where the gateway
+# reads: on duplicate keys the last one wins for both.
+
+Raw = msgspec.Raw
+_NULL = Raw(b"null")
+_TOP = msgspec.json.Decoder(dict[str, Raw])
+_VALUE = msgspec.json.Decoder()
+_OBJECT = msgspec.json.Decoder(msgspec.defstruct("AnyObject", []))  # checks syntax, builds nothing
+_encode = msgspec.json.encode
+_LAX_INT, _LAX_BOOL = TypeAdapter(int), TypeAdapter(bool)
+INVALID = object()  # a value vLLM will refuse itself: the gateway leaves it to vLLM's 400
+_SCALAR = 256  # bytes: no lax int or bool is longer; longer values are not decoded at all
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # linear: run only on syntactically valid JSON
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+# A completion's prompts, counted without decoding them: a struct of MAX_N raw slots refuses
+# the MAX_N + 1st element as soon as it reaches it.
+_PROMPTS = msgspec.json.Decoder(msgspec.defstruct(
+    "Prompts", [(f"p{i}", Raw | msgspec.UnsetType, msgspec.UNSET) for i in range(MAX_N)],
+    array_like=True, forbid_unknown_fields=True))
+
+
+def check_shape(body: bytes) -> None:
+    """Reject bodies nested deeper than MAX_DEPTH or with more than MAX_NODES containers and
+    members (what makes a parser, here or in vLLM, cost many times the body's size)."""
+    if body.count(b"[") + body.count(b"{") + body.count(b":") <= MAX_DEPTH:
+        return  # the common case: three C scans, nothing to count more closely
+    try:
+        _OBJECT.decode(body)  # valid JSON first: the string pattern below is linear only then
+    except RecursionError:
+        raise _reject(400, f"request body is nested more than {MAX_DEPTH} deep") from None
+    except msgspec.ValidationError:
+        raise _reject(400, "request body must be a JSON object") from None
+    except msgspec.DecodeError:
+        raise _reject(400, "request body is not valid JSON") from None
+    bare = _STRINGS.sub(b'""', body) if b'"' in body else body
+    nodes = bare.count(b"[") + bare.count(b"{") + bare.count(b":")
+    if nodes > MAX_NODES:
+        raise _reject(400, f"request body has more than {MAX_NODES} arrays, objects and fields")
+    brackets = bare.translate(_BRACKETS, _NOT_BRACKETS)  # opening 2, closing 0
+    if len(brackets) > 2 * MAX_DEPTH and max(accumulate(b - 1 for b in brackets)) > MAX_DEPTH:
+        raise _reject(400, f"request body is nested more than {MAX_DEPTH} deep")
+
+
+def parse_body(body: bytes) -> dict[str, Raw]:
+    """The body's top-level fields as raw JSON values; Reject unless it is a JSON object."""
+    check_shape(body)
+    try:
+        return _TOP.decode(body)
+    except RecursionError:
+        raise _reject(400, f"request body is nested more than {MAX_DEPTH} deep") from None
+    except msgspec.ValidationError:
+        raise _reject(400, "request body must be a JSON object") from None
+    except msgspec.DecodeError:
+        raise _reject(400, "request body is not valid JSON") from None
+
+
+def _first(raw: Raw) -> bytes:
+    """A raw value's first byte (values carry no leading whitespace)."""
+    return memoryview(raw)[:1].tobytes()
+
+
+def _decoded(raw: Raw, limit: int | None = _SCALAR):
+    """A raw value decoded (INVALID if longer than `limit`: no value the gateway coerces is)."""
+    if limit is not None and len(raw) > limit:
+        return INVALID
+    return _VALUE.decode(raw)
+
+
+def lax_int(raw: Raw | None, default):
+    """The integer pydantic's lax mode (so vLLM) makes of a raw value, or INVALID."""
+    if raw is None:
+        return default
+    value = _decoded(raw)
+    if type(value) is int:
+        return value
+    if value is None or value is INVALID:
+        return default if value is None else INVALID
+    try:
+        return _LAX_INT.validate_python(value)
+    except ValidationError:
+        return INVALID
+
+
+def lax_bool(raw: Raw | None) -> bool:
+    """Whether vLLM takes a raw `stream` (or `echo`) as true: pydantic's lax bool."""
+    if raw is None:
+        return False
+    value = _decoded(raw)
+    if value is True or value is False:
+        return value
+    if value is None or value is INVALID:
+        return False  # null is vLLM's default; anything longer vLLM refuses with a 400
+    try:
+        return _LAX_BOOL.validate_python(value)
+    except ValidationError:
+        return False  # vLLM answers 400, as JSON: not a stream
+
+
+def count_prompts(raw: Raw | None) -> int:
+    """How many prompts a completion's `prompt` holds, as vLLM's union type reads it: a string
+    or a list of token ids is one; a list of strings or of token lists is one per element
+    (MAX_N + 1 standing for 'more than MAX_N')."""
+    if raw is None:
+        return 1
+    head = memoryview(raw)[:64].tobytes()
+    if not head.startswith(b"["):
+        return 1
+    first = head[1:].lstrip()[:1]
+    if not first or first in b'"[{n]':  # strings, token lists, junk vLLM refuses, or empty
+        try:
+            slots = msgspec.structs.astuple(_PROMPTS.decode(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return MAX_N + 1  # more elements than MAX_N (or not an array vLLM accepts)
+        return sum(slot is not msgspec.UNSET for slot in slots)
+    return 1  # numbers (or lax booleans): one tokenized prompt
+
+
+def limit_sequences(fields: dict[str, Raw], completions: bool) -> None:
+    """Reject what a public endpoint takes from no client (OPERATOR_FIELDS, MAX_N)."""
+    for field in OPERATOR_FIELDS:
+        if field in fields:
+            raise _reject(400, f"'{field}' is not accepted by this endpoint", field)
+    n = lax_int(fields.get("n"), 1)
+    if n is INVALID or type(n) is not int:
+        return  # vLLM refuses it with its own 400
+    if n > MAX_N:
+        raise _reject(400, f"'n' must be at most {MAX_N}", "n")
+    if completions and n >= 1:
+        prompts = count_prompts(fields.get("prompt"))
+        if n * prompts > MAX_N:
+            shown = f"more than {MAX_N}" if prompts > MAX_N else str(prompts)
+            raise _reject(400, f"'n' times the number of prompts must be at most {MAX_N} "
+                               f"(n {n}, prompts {shown})", "prompt" if n == 1 else "n")
+
+
 # ## Structured outputs: pass the current API through, translate the legacy one
 
 
-def normalize_structured_outputs(body: dict) -> None:
-    """Move guided_* into structured_outputs in place; Reject requests with conflicting constraints."""
-    legacy = LEGACY_FIELDS.intersection(body)
-    fmt = body.get("response_format")
-    so = body.get("structured_outputs")
-    if not legacy and so is None:
-        return  # the common case: nothing to check beyond what vLLM checks
+def _object_keys(raw: Raw | None, field: str) -> dict[str, Raw] | None:
+    if raw is None or raw == _NULL:
+        return None
+    if _first(raw) != b"{":  # vLLM 0.33 crashes into a 500 on these
+        raise _reject(400, f"{field} must be an object", field)
+    return _TOP.decode(raw)
+
+
+def normalize_structured_outputs(fields: dict[str, Raw]) -> bool:
+    """Move the legacy fields into structured_outputs in place (True if anything changed);
+    Reject a non-object structured_outputs and requests with conflicting constraints."""
+    legacy = LEGACY_FIELDS.intersection(fields)
+    so_raw = fields.get("structured_outputs")
+    if not legacy and so_raw is None:
+        return False  # the common case: nothing to check beyond what vLLM checks
+    so = _object_keys(so_raw, "structured_outputs")
     kinds = []
-    if isinstance(fmt, dict) and fmt.get("type") in CONSTRAINING_FORMATS:
-        kinds.append(f"response_format {fmt['type']}")
-    if isinstance(so, dict):
-        kinds += [f"structured_outputs.{k}" for k in CONSTRAINTS if so.get(k) is not None]
-    moved = {}
+    fmt_raw = fields.get("response_format")
+    if fmt_raw is not None and _first(fmt_raw) == b"{":
+        kind = _decoded(_TOP.decode(fmt_raw).get("type", _NULL))
+        if kind in CONSTRAINING_FORMATS:
+            kinds.append(f"response_format {kind}")
+    if so:
+        kinds += [f"structured_outputs.{k}" for k in CONSTRAINTS
+                  if k in so and so[k] != _NULL]
+    moved, options = {}, {}
     for field in sorted(legacy):
-        value = body.pop(field)
-        if value is None:
+        value = fields.pop(field)
+        if value == _NULL:
             continue
         if field in LEGACY_CONSTRAINTS:
             kinds.append(field)
             moved[LEGACY_CONSTRAINTS[field]] = value
         elif field in LEGACY_OPTIONS:
-            moved[LEGACY_OPTIONS[field]] = value
+            options[LEGACY_OPTIONS[field]] = value
     if len(kinds) > 1:
         raise _reject(400, "conflicting structured-output constraints: " + ", ".join(kinds)
                       + "; use exactly one", "structured_outputs")
-    if moved:
-        if so is not None and not isinstance(so, dict):
-            raise _reject(400, "structured_outputs must be an object", "structured_outputs")
-        body["structured_outputs"] = {**(so or {}), **moved}
-
-
-def refuse_operator_fields(body: dict) -> None:
-    """Reject what a public endpoint takes from no client (see OPERATOR_FIELDS, MAX_N)."""
-    for field in OPERATOR_FIELDS:
-        if field in body:
-            raise _reject(400, f"'{field}' is not accepted by this endpoint", field)
-    n = body.get("n")
-    if type(n) is int and n > MAX_N:
-        raise _reject(400, f"'n' must be at most {MAX_N}", "n")
+    if moved or (options and any(k.startswith("structured_outputs.") for k in kinds)):
+        # An option alone (guided_whitespace_pattern) is dropped: vLLM 0.33 refuses a
+        # structured_outputs without a constraint of its own ("none are specified"). Beside a
+        # response_format the old server applied it; 0.33 has no way to say that any more.
+        fields["structured_outputs"] = Raw(_encode({**(so or {}), **moved, **options}))
+    return bool(legacy)
 
 
 # ## The ASGI app
@@ -227,30 +399,48 @@ class _Exchange:
 
 class Gateway:
     def __init__(self, models, backend, *, api_key, allow_unauthenticated, unavailable,
-                 max_body_bytes, keepalive_interval, handoff_after=None):
+                 max_body_bytes, keepalive_interval, refresh=None, handoff_after=None):
+        api_key = clean_api_key(api_key)
         if not api_key and not allow_unauthenticated:
             raise config.UsageError(
                 "no API key configured: set API_KEY (Modal secret 'vllm-api-key') or "
                 "VLLM_API_KEY for --serve-local, or explicitly allow unauthenticated access")
         self.backend = backend
+        self.api_key = api_key  # kept only to mask it in logged paths
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body = max_body_bytes
         self.keepalive = keepalive_interval
         self.handoff_after = handoff_after
+        # `refresh()` re-reads what the backend serves (a bare --upstream URL's /v1/models)
+        # and calls set_models; tried when a request names a model not listed (see route).
+        self.refresh = refresh
+        self.routes = {CHAT: CHAT, COMPLETIONS: COMPLETIONS}
+        self.set_models(models, unavailable)
+        self.no_key = error_body(401, "missing API key: send 'Authorization: Bearer <key>'")
+        self.bad_header = error_body(401, "malformed Authorization header: expected "
+                                          "'Bearer <key>'")
+        self.wrong_key = error_body(401, "invalid API key")
+        self.not_found = error_body(404, "not found: this endpoint serves /v1/models, "
+                                         "/v1/chat/completions and /v1/completions")
+        self.too_large = error_body(413, f"request body larger than {max_body_bytes} bytes")
+        self.too_slow = error_body(408, f"request body not received within {BODY_TIMEOUT:g} s")
+
+    def set_models(self, models, unavailable=None) -> None:
+        """What this endpoint serves; the tables are replaced whole, never edited in place."""
         # Every name a request may use -> (its model's pool, the name vLLM serves it under).
         # A LoRA adapter goes to its base model's pool as itself: `python` or `<base>:python`.
-        self.by_name = {alias.lower(): (m, m.name) for m in models for alias in m.aliases}
+        by_name = {alias.lower(): (m, m.name) for m in models for alias in m.aliases}
         for m in models:
             for a in m.adapters:
-                self.by_name[a.name.lower()] = (m, a.name)
-                self.by_name.update({f"{alias}:{a.name}".lower(): (m, a.name)
-                                     for alias in m.aliases})
-        self.unavailable = {k.lower(): (k, why) for k, why in (unavailable or {}).items()}
+                by_name[a.name.lower()] = (m, a.name)
+                by_name.update({f"{alias}:{a.name}".lower(): (m, a.name) for alias in m.aliases})
         adapter_names = [a.name for m in models for a in m.adapters]
+        created = int(time.time())
+        self.models = list(models)
+        self.by_name = by_name
+        self.unavailable = {k.lower(): (k, why) for k, why in (unavailable or {}).items()}
         self.served = (", ".join(m.name for m in models) or "(none)") + (
             f" (adapters: {', '.join(adapter_names)})" if adapter_names else "")
-        self.routes = {CHAT: CHAT, COMPLETIONS: COMPLETIONS}
-        created = int(time.time())
         self.models_body = json.dumps({"object": "list", "data": [
             {"id": m.name, "object": "model", "created": created, "owned_by": "modal-vllm",
              "root": m.huggingface_id, "parent": None, "max_model_len": m.max_model_len,
@@ -261,13 +451,6 @@ class Gateway:
              "aliases": [f"{m.key}:{a.name}"]}
             for m in models for a in m.adapters]}).encode()
         self.health_body = json.dumps({"status": "ok", "models": len(models)}).encode()
-        self.no_key = error_body(401, "missing API key: send 'Authorization: Bearer <key>'")
-        self.bad_header = error_body(401, "malformed Authorization header: expected "
-                                          "'Bearer <key>'")
-        self.wrong_key = error_body(401, "invalid API key")
-        self.not_found = error_body(404, "not found: this endpoint serves /v1/models, "
-                                         "/v1/chat/completions and /v1/completions")
-        self.too_large = error_body(413, f"request body larger than {max_body_bytes} bytes")
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -283,8 +466,13 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.refresh is not None:  # what the upstream serves, before any request
+                    await self.refresh(force=True)
+                    asking = asyncio.ensure_future(self.refresh.keep_asking())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.refresh is not None:
+                    asking.cancel()
                 close = getattr(self.backend, "aclose", None)
                 if close is not None:
                     await close()
@@ -295,9 +483,9 @@ class Gateway:
         t0 = time.perf_counter()
         ex = _Exchange(send, os.urandom(8).hex().encode())
         path = scope["path"]
-        model = stream = None
+        seen = {"model": None, "stream": False}  # filled in as soon as each is known
         try:
-            model, stream = await self.handle(scope, path, receive, ex)
+            await self.handle(scope, path, receive, ex, seen)
         except Reject as r:
             await ex.reply(r.status, r.body, r.headers)
         except asyncio.CancelledError:
@@ -309,47 +497,56 @@ class Gateway:
             if ex.watcher is not None:
                 ex.watcher.cancel()
             if log.isEnabledFor(logging.INFO):
-                log.info(json.dumps({
-                    "request_id": ex.rid.decode(), "method": scope["method"],
-                    "path": _clip(path, 100), "model": model, "status": ex.status,
-                    "stream": bool(stream), "ms": round((time.perf_counter() - t0) * 1000, 2)}))
+                line = {"request_id": ex.rid.decode(), "method": scope["method"],
+                        "path": self.loggable(path), "model": seen["model"],
+                        "status": ex.status, "stream": seen["stream"],
+                        "ms": round((time.perf_counter() - t0) * 1000, 2)}
+                if "error" in seen:
+                    line["error"] = seen["error"]
+                log.info(json.dumps(line))
 
-    async def handle(self, scope, path, receive, ex):
+    def loggable(self, text: str | None, limit: int = 100) -> str | None:
+        """Clipped for a log line, the key masked first (clipping must not cut it in two);
+        json.dumps then escapes whatever it holds."""
+        if text is None:
+            return None
+        if self.api_key and self.api_key in text:
+            text = text.replace(self.api_key, mask_key(self.api_key))
+        return _clip(text, limit)
+
+    async def handle(self, scope, path, receive, ex, seen) -> None:
         route = self.routes.get(path)
         method = scope["method"]
         if route is None:
             if path == "/health" and method in ("GET", "HEAD"):
                 await ex.reply(200, self.health_body)
-                return None, None
+                return
             if path == "/v1/models":
                 self.authorize(scope)
-                if method != "GET":
-                    raise _reject(405, "use GET", headers=((b"allow", b"GET"),))
+                if method not in ("GET", "HEAD"):
+                    raise _reject(405, "use GET", headers=((b"allow", b"GET, HEAD"),))
                 await ex.reply(200, self.models_body)
-                return None, None
+                return
             raise Reject(404, self.not_found)
         self.authorize(scope)
         if method != "POST":
             raise _reject(405, "use POST", headers=((b"allow", b"POST"),))
         body = await self.read_body(scope, receive)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise _reject(400, "request body is not valid JSON") from None
-        if type(data) is not dict:
-            raise _reject(400, "request body must be a JSON object")
-        model, data["model"] = self.route_model(data.get("model"))
-        refuse_operator_fields(data)
-        normalize_structured_outputs(data)
-        stream = data.get("stream") is True
+        fields = parse_body(body)
+        model, served_as = await self.route(fields.get("model"), seen)
+        seen["model"] = model.key if served_as == model.name else f"{model.key}:{served_as}"
+        limit_sequences(fields, route == COMPLETIONS)
+        changed = normalize_structured_outputs(fields)
+        stream = seen["stream"] = lax_bool(fields.get("stream"))
+        if seen["requested"] != served_as:
+            fields["model"] = Raw(_encode(served_as))
+            changed = True
+        forward = _encode(fields) if changed else body  # the client's bytes when they will do
         ex.watch(receive, self.handoff_after)
-        forward = json.dumps(data).encode()
         if stream:
-            await self.relay_stream(ex, model, route, forward)
+            await self.relay_stream(ex, model, route, forward, seen)
         else:
-            await self.relay(ex, model, route, forward)
-        label = model.key if data["model"] == model.name else f"{model.key}:{data['model']}"
-        return label, stream
+            await self.relay(ex, model, route, forward, seen)
 
     def authorize(self, scope) -> None:
         if self.key_digest is None:
@@ -373,9 +570,18 @@ class Gateway:
                     raise _reject(400, "invalid Content-Length")
                 if len(v) > 15 or int(v) > self.max_body:  # int() refuses 4300+ digits
                     raise Reject(413, self.too_large)  # refused before reading any of it
+        message = await receive()  # the whole body, for any but large or slow ones
+        if message["type"] == "http.request" and not message.get("more_body"):
+            return message.get("body", b"")
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):  # a trickled body must not hold a task
+                return await self._read_rest(message, receive)
+        except TimeoutError:
+            raise Reject(408, self.too_slow, ((b"connection", b"close"),)) from None
+
+    async def _read_rest(self, message, receive) -> bytes:
         chunks, size = [], 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise _reject(400, "client disconnected")
             chunk = message.get("body", b"")
@@ -384,7 +590,28 @@ class Gateway:
                 raise Reject(413, self.too_large)
             chunks.append(chunk)
             if not message.get("more_body"):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return b"".join(chunks)
+            message = await receive()
+
+    async def route(self, raw: Raw | None, seen) -> tuple[config.Model, str]:
+        """The model a request names, decoded as vLLM reads `model` (a string)."""
+        if raw is None or raw == _NULL:
+            raise _reject(400, f"missing 'model'; served models: {self.served}", "model")
+        if _first(raw) != b'"':
+            raise _reject(400, "'model' must be a string", "model")
+        name = _VALUE.decode(raw)
+        seen["requested"] = name
+        try:
+            return self.route_model(name)
+        except Reject:
+            if self.refresh is None or not await self.refresh():
+                seen["model"] = self.loggable(name)  # the name the client sent, clipped
+                raise
+        try:
+            return self.route_model(name)
+        except Reject:
+            seen["model"] = self.loggable(name)
+            raise
 
     def route_model(self, name) -> tuple[config.Model, str]:
         if name is None:
@@ -401,7 +628,7 @@ class Gateway:
         raise _reject(404, f"the model '{_clip(name)}' does not exist; served models: "
                            f"{self.served}", "model")
 
-    async def relay(self, ex: _Exchange, model, path, body: bytes) -> None:
+    async def relay(self, ex: _Exchange, model, path, body: bytes, seen=None) -> None:
         headers: list[tuple[bytes, bytes]] = []
         called = time.perf_counter()
         try:
@@ -409,7 +636,7 @@ class Gateway:
         except BackendError as e:
             raise self.backend_reject(e) from None
         except Exception as e:  # noqa: BLE001 - a backend bug still gets an OpenAI-shaped answer
-            log.warning("backend %s failed: %s", model.key, type(e).__name__)
+            _note(seen, f"backend failed: {type(e).__name__}")
             raise _reject(502, f"backend for '{model.name}' failed") from None
         finally:
             ex.waited = time.perf_counter() - called
@@ -426,7 +653,7 @@ class Gateway:
         return _reject(status, e.message if status == e.status else
                        "the backend refused the gateway's credentials", headers=headers)
 
-    async def relay_stream(self, ex: _Exchange, model, path, body: bytes) -> None:
+    async def relay_stream(self, ex: _Exchange, model, path, body: bytes, seen=None) -> None:
         headers: list[tuple[bytes, bytes]] = []
         called = time.perf_counter()
         chunks = self.backend.stream(model, path, body, headers).__aiter__()
@@ -463,7 +690,7 @@ class Gateway:
                 raise self.backend_reject(e) from None
             await self.stream_error(ex, ended, e.status, e.message)
         except Exception as e:  # noqa: BLE001 - never a silent, truncated 200
-            log.warning("stream from %s failed: %s", model.key, type(e).__name__)
+            _note(seen, f"stream failed: {type(e).__name__}")
             if not ex.started:
                 raise _reject(502, f"backend for '{model.name}' failed") from None
             await self.stream_error(ex, ended, 502, f"backend for '{model.name}' failed")
@@ -486,6 +713,12 @@ def late_headers(headers) -> bytes:
     """Response headers that came after the status line, as SSE comment lines (clients skip
     them): `: server-timing: pool;dur=183004.2`."""
     return b"".join(b": %s: %s\n" % (k, v) for k, v in headers) + b"\n"
+
+
+def _note(seen: dict | None, error: str) -> None:
+    """A backend failure goes into its request's log line, not a line of its own."""
+    if seen is not None:
+        seen["error"] = error
 
 
 def _json_or_none(raw: bytes):
@@ -511,14 +744,15 @@ def upstream_error(status: int, payload) -> tuple[int, dict]:
 def build_app(models: list[config.Model], backend: Backend, *, api_key: str | None,
               allow_unauthenticated: bool = False, unavailable: dict[str, str] | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY, keepalive_interval: float = 10.0,
-              handoff_after: float | None = None):
+              refresh=None, handoff_after: float | None = None):
     """The ASGI app. `unavailable`: names known but not served here (any alias) -> why.
+    `refresh`: an async callable that re-reads what is served (see Gateway.route).
     `handoff_after`: seconds after which a disconnect of a non-streamed request is Modal's
     303 hand-off to its result URL, not a client that left (None: every disconnect is one)."""
     return Gateway(models, backend, api_key=api_key,
                    allow_unauthenticated=allow_unauthenticated, unavailable=unavailable,
                    max_body_bytes=max_body_bytes, keepalive_interval=keepalive_interval,
-                   handoff_after=handoff_after)
+                   refresh=refresh, handoff_after=handoff_after)
 
 
 # ## The HTTP backend: OpenAI-compatible servers at known base URLs
@@ -568,6 +802,13 @@ class HTTPBackend:
         except TimeoutError:
             raise BackendError(504, f"backend for '{model.name}' did not answer in time") \
                 from None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, ConnectionRefusedError):
+                # vLLM does not listen until its model is loaded: refused is what "starting"
+                # looks like (or a server that is down), so the client is told to come back.
+                raise BackendError(503, f"backend for '{model.name}' is starting or down: "
+                                        "connection refused", DEFAULT_RETRY_AFTER) from None
+            raise BackendError(502, f"backend for '{model.name}' is unreachable") from None
         except aiohttp.ClientError:
             raise BackendError(502, f"backend for '{model.name}' is unreachable") from None
 
@@ -637,8 +878,9 @@ def _status_error(status: int, raw: bytes, retry_after: str | None, model) -> Ba
 # ## Running it locally in front of servers the user already runs
 
 
-def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, str]:
-    """'MODEL=URL' routes one model; a bare 'URL' every model not named otherwise."""
+def split_upstreams(matrix: config.Matrix, upstreams: list[str]) -> tuple[dict[str, str], str | None]:
+    """'MODEL=URL' routes one model; a bare 'URL' every model not named otherwise:
+    ({model key: URL} for the named ones, the bare URL or None)."""
     if not upstreams:
         raise config.UsageError("--serve-local needs --upstream MODEL=URL (repeatable) or "
                                 "--upstream URL for every model")
@@ -659,32 +901,135 @@ def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, st
         if model.key in named:
             raise config.UsageError(f"--upstream names '{model.key}' twice")
         named[model.key] = url.strip()
+    return named, default
+
+
+def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, str]:
+    """Every model an --upstream may route, to its URL."""
+    named, default = split_upstreams(matrix, upstreams)
     return {key: named.get(key, default) for key in matrix.models
             if named.get(key, default) is not None}
 
 
+async def upstream_model_ids(backend: HTTPBackend, base_url: str) -> set[str] | None:
+    """The ids an OpenAI-compatible server lists at GET /v1/models (lower case), or None."""
+    url = base_url.rstrip("/").removesuffix("/v1") + "/v1/models"
+    aiohttp = backend.aiohttp
+    try:
+        async with backend._session().get(url, headers=backend.headers) as resp:
+            if resp.status != 200:
+                return None
+            listing = json.loads(await resp.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return None
+    return {str(m.get("id")).lower() for m in data if isinstance(m, dict)}
+
+
+class UpstreamDiscovery:
+    """What a bare --upstream URL serves, read from its /v1/models: at start, every
+    `interval` seconds, and when a request names a model it does not list (at most once per
+    `min_interval`). Models routed by MODEL=URL are always served; the matrix's other models
+    are 404s that say the upstream does not serve them."""
+
+    def __init__(self, matrix: config.Matrix, named: dict[str, str], default: str,
+                 backend: HTTPBackend, *, interval: float = 30.0, min_interval: float = 1.0):
+        self.matrix, self.named, self.default, self.backend = matrix, named, default, backend
+        self.interval, self.min_interval = interval, min_interval
+        self.gateway: Gateway | None = None
+        self.served: list[str] | None = None  # model keys, None until the upstream answered
+        self.asked = -float("inf")
+        self.lock = asyncio.Lock()
+
+    def tables(self, listed: set[str] | None) -> tuple[list[config.Model], dict[str, str]]:
+        served, unavailable = [], {}
+        for m in self.matrix.models.values():
+            if m.key in self.named or (listed is not None
+                                       and listed.intersection(a.lower() for a in m.aliases)):
+                served.append(m)
+                continue
+            why = (f"the upstream {self.default} does not list it at /v1/models"
+                   if listed is not None else
+                   f"the upstream {self.default} has not answered /v1/models yet")
+            unavailable.update({alias: why for alias in m.aliases})
+        return served, unavailable
+
+    async def __call__(self, force: bool = False) -> bool:
+        """Ask again; True if what is served changed (Gateway.route then retries)."""
+        now = time.monotonic()
+        if not force and now - self.asked < self.min_interval:
+            return False
+        async with self.lock:
+            if not force and time.monotonic() - self.asked < self.min_interval:
+                return False  # another request asked meanwhile
+            self.asked = time.monotonic()
+            listed = await upstream_model_ids(self.backend, self.default)
+        if listed is None and self.served is not None:
+            return False  # keep serving what it listed last; it may be restarting
+        served, unavailable = self.tables(listed)
+        keys = [m.key for m in served]
+        if keys == self.served:
+            return False
+        self.served = keys
+        self.gateway.set_models(served, unavailable)
+        log.warning(f"  {self.default} serves: " + (", ".join(
+            f"{m.name} ({m.key})" for m in served if m.key not in self.named) or
+            "no model of the matrix" if listed is not None else "(no answer at /v1/models yet)"))
+        return True
+
+    async def keep_asking(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self(force=True)
+
+
 def serve_local(matrix: config.Matrix, upstreams: list[str], *, host: str = "127.0.0.1",
                 port: int = 8080, api_key: str | None,
-                allow_unauthenticated: bool = False) -> None:
+                allow_unauthenticated: bool = False, limits=None) -> None:
     """Run the gateway under uvicorn in front of OpenAI-compatible servers; blocks."""
     import uvicorn
 
-    urls = parse_upstreams(matrix, upstreams)
+    import gateway_server
+
+    named, default = split_upstreams(matrix, upstreams)
+    api_key = clean_api_key(api_key)
     if not api_key and not allow_unauthenticated:
         raise config.UsageError("no API key: set VLLM_API_KEY, or pass --allow-unauthenticated "
                                 "to serve without one")
-    served = [matrix.models[key] for key in urls]
-    unavailable = {alias: "no --upstream was given for it"
-                   for m in matrix.models.values() if m.key not in urls for alias in m.aliases}
+    urls = parse_upstreams(matrix, upstreams)
     backend = HTTPBackend(urls, api_key=os.environ.get("VLLM_UPSTREAM_API_KEY") or None)
+    discovery = None
+    if default is None:
+        served = [matrix.models[key] for key in urls]
+        unavailable = {alias: "no --upstream was given for it" for m in matrix.models.values()
+                       if m.key not in urls for alias in m.aliases}
+    else:  # what the bare URL serves is asked at start-up (the lifespan), before any request
+        discovery = UpstreamDiscovery(matrix, named, default, backend)
+        served, unavailable = discovery.tables(None)
+    gateway_server.configure_logging(sys.stderr)
     app = build_app(served, backend, api_key=api_key,
-                    allow_unauthenticated=allow_unauthenticated, unavailable=unavailable)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+                    allow_unauthenticated=allow_unauthenticated, unavailable=unavailable,
+                    refresh=discovery)
+    if discovery is not None:
+        discovery.gateway = app
+    limits = limits or gateway_server.default_limits()
+    sock = gateway_server.listening_socket(host, port)  # one line and exit 9 if it cannot
+    shown = f"[{host}]" if ":" in host else host
     say = log.warning
-    say(f"gateway on http://{host}:{port}/v1  key {mask_key(api_key)}")
-    for key, url in urls.items():
+    say(f"gateway on http://{shown}:{gateway_server.bound_port(sock)}/v1  key {mask_key(api_key)}")
+    for key, url in named.items():
         say(f"  {matrix.models[key].name} ({key}) -> {url}")
+    if default is not None:
+        say(f"  every other model it lists at /v1/models -> {default}")
     if not api_key:
         say("WARNING: no API key: anyone who can reach this port can use it")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                server_header=False, date_header=False, lifespan="on")
+    server = uvicorn.Server(uvicorn.Config(
+        app, http=gateway_server.protocol_class(limits), ws="none", lifespan="on",
+        log_config=None, access_log=False, server_header=False, date_header=False,
+        timeout_keep_alive=limits.keepalive_timeout))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -23,6 +23,7 @@ REPLY = {"id": "cmpl-1", "object": "chat.completion", "model": "google/gemma-3-1
          "choices": [{"index": 0, "finish_reason": "stop",
                       "message": {"role": "assistant", "content": "Hello! " * 20}}],
          "usage": {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}}
+RAW_REPLY = json.dumps(REPLY).encode()
 BODY = json.dumps({"model": "gemma-3-12b", "max_tokens": 100,
                    "messages": [{"role": "user", "content": "Hello!"}]}).encode()
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
@@ -32,10 +33,10 @@ SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
 
 
 class InstantBackend:
-    async def send(self, model, path, body):
-        return 200, dict(REPLY)
+    async def send(self, model, path, body, headers):
+        return 200, RAW_REPLY
 
-    def stream(self, model, path, body):
+    def stream(self, model, path, body, headers):
         raise NotImplementedError
 
 

@@ -1,11 +1,23 @@
 """A stand-in for `vllm serve` 0.33: the same routes, response and error shapes, no GPU.
 
 Tests, conformance checks and benchmarks run it in a thread (`StandIn(...)` is an
-ASGI app) or as a process (`python tests/standin.py --port N ...`). Behaviours:
-honour or ignore structured-output constraints, be slow to become ready, break
-streams off, require a key, answer slowly, fail with a status. It records every
+ASGI app, served by `standin_server`) or as a process (`python tests/standin.py --port N
+...`). Behaviours: honour or ignore structured-output constraints, be slow to become ready,
+break streams off, require a key, answer slowly, fail with a status. It records every
 request it receives (`.received`, or GET /_standin/received across processes)
 and every client that left before its answer was complete (`.disconnects`).
+
+Where it follows vLLM 0.33 (vllm/entrypoints/openai/{chat_completion,completion}/protocol.py,
+vllm/entrypoints/serve/...), because the gateway's tests rely on it:
+- requests are validated by pydantic in lax mode: `"stream": "true"`, `1` or `"yes"` stream,
+  `"n": "3"`, `3.0` or `3e0` are 3 (pydantic's own TypeAdapters here, as vLLM's models);
+- a `structured_outputs` that is not an object crashes vLLM's `check_structured_outputs_count`
+  (`.get` on a str) into its catch-all handler: HTTP 500, InternalServerError;
+- one with no constraint, or two, is a 400 (StructuredOutputsParams.__post_init__);
+- a starting server does not listen at all (the model loads before uvicorn binds): clients
+  see connection refused, never a 503 (`ready_after`; `standin_server` binds late);
+- a chat message carries `reasoning` (not `reasoning_content`, renamed in vLLM 0.1x) and no
+  `tool_calls` key when there are none (ChatMessage._serialize drops the empty list).
 """
 
 from __future__ import annotations
@@ -14,10 +26,29 @@ import argparse
 import asyncio
 import json
 import re
+import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
+
+from pydantic import TypeAdapter, ValidationError
+
+# vLLM 0.33's field types, validated as its pydantic request models do (lax mode).
+LAX = {"stream": TypeAdapter(bool | None), "echo": TypeAdapter(bool | None),
+       "n": TypeAdapter(int | None), "max_tokens": TypeAdapter(int | None),
+       "max_completion_tokens": TypeAdapter(int | None)}
+MAX_N_SEQUENCES = 16384  # vllm/envs.py VLLM_MAX_N_SEQUENCES
 
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+class LaxError(Exception):
+    """A field pydantic's lax mode cannot coerce: vLLM's 400."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
 
 
 class BrokenStream(Exception):
@@ -194,7 +225,9 @@ class StandIn:
         self.delay, self.token_delay = delay, token_delay
         self.fail_status = fail_status
         self.max_model_len = max_model_len
+        self.abandoned = False  # set when its server is stopped before it was ready
         self.received: list[dict] = []  # {"method", "path", "headers", "body"}
+        self.raw_bodies: list[bytes] = []
         self.disconnects: list[str] = []
 
     @property
@@ -204,7 +237,12 @@ class StandIn:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
+                # Like vLLM: nothing listens until the model is loaded (uvicorn binds after
+                # the lifespan's startup completes).
+                while time.monotonic() < self.ready_at and not self.abandoned:
+                    await asyncio.sleep(min(0.05, self.ready_at - time.monotonic()))
+                await send({"type": "lifespan.startup.failed" if self.abandoned
+                            else "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["type"] != "http":
@@ -225,9 +263,7 @@ class StandIn:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         self.received.append({"method": method, "path": path, "headers": headers, "body": body})
-        if time.monotonic() < self.ready_at:
-            return await self._json(send, *_error(503, "the server is starting",
-                                                  "ServiceUnavailableError"))
+        self.raw_bodies.append(raw)  # the exact bytes, for tests of what is forwarded as is
         if path.startswith("/v1") and self.api_key and \
                 headers.get("authorization") != f"Bearer {self.api_key}":
             return await self._json(send, 401, {"error": "Unauthorized"})  # vLLM's own, bare
@@ -249,6 +285,7 @@ class StandIn:
         problem = self._invalid(body, chat)
         if problem:
             return await self._json(send, *problem)
+        body = {**body, **self._coerced(body)}  # what vLLM's lax validation made of it
         try:
             text, finish = self._answer(body, chat)
         except Exception as exc:  # noqa: BLE001 - vLLM refuses unusable constraints with a 400
@@ -278,20 +315,39 @@ class StandIn:
                 return _error(400, "messages: Input should be a non-empty list of messages")
         elif not isinstance(body.get("prompt"), (str, list)):
             return _error(400, "prompt: Field required", param="prompt")
+        so = body.get("structured_outputs")
+        if so is not None and not isinstance(so, dict):  # vLLM 0.33: AttributeError, a 500
+            return _error(500, f"'{type(so).__name__}' object has no attribute 'get'",
+                          "InternalServerError")
+        try:
+            coerced = self._coerced(body)
+        except LaxError as exc:
+            return _error(400, f"{exc.field}: {exc.message}", param=exc.field)
         for field in ("max_tokens", "max_completion_tokens"):
-            value = body.get(field)
-            if value is not None and (type(value) is not int or value < 1):
+            if coerced.get(field) is not None and coerced[field] < 1:
                 return _error(400, f"{field}: must be a positive integer", param=field)
-        for field in ("stream", "echo"):
-            if body.get(field) is not None and type(body.get(field)) is not bool:
-                return _error(400, f"{field}: Input should be a valid boolean", param=field)
-        for field in ("structured_outputs", "response_format", "stream_options"):
+        n = coerced.get("n")
+        if n is not None and not 1 <= n <= MAX_N_SEQUENCES:
+            return _error(400, f"n must be at least 1 and at most {MAX_N_SEQUENCES}, got {n}.",
+                          param="n")
+        for field in ("response_format", "stream_options"):
             if body.get(field) is not None and not isinstance(body.get(field), dict):
                 return _error(400, f"{field}: Input should be an object", param=field)
-        so = body.get("structured_outputs") or {}
         if so and sum(so.get(k) is not None for k in CONSTRAINTS) != 1:
             return _error(400, "You must use exactly one kind of structured outputs constraint")
         return None
+
+    @staticmethod
+    def _coerced(body) -> dict:
+        """The lax-typed fields as vLLM's pydantic models make them (ValidationError if not)."""
+        out = {}
+        for field, adapter in LAX.items():
+            if field in body:
+                try:
+                    out[field] = adapter.validate_python(body[field])
+                except ValidationError as exc:
+                    raise LaxError(field, exc.errors()[0]["msg"]) from None
+        return out
 
     def _prompt(self, body, chat: bool) -> str:
         if not chat:
@@ -341,14 +397,14 @@ class StandIn:
                 "created": int(time.time()), "model": body["model"]}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text,
-                                              "refusal": None, "tool_calls": [],
-                                              "reasoning_content": None},
+                                              "refusal": None, "reasoning": None},
                       "logprobs": None, "finish_reason": finish, "stop_reason": None}
         else:
             echoed = self._prompt(body, chat) if body.get("echo") else ""
             choice = {"index": 0, "text": echoed + text, "logprobs": None,
                       "finish_reason": finish, "stop_reason": None, "prompt_logprobs": None}
-        return {**base, "choices": [choice], "service_tier": None, "system_fingerprint": None,
+        choices = [{**choice, "index": i} for i in range(body.get("n") or 1)]
+        return {**base, "choices": choices, "service_tier": None, "system_fingerprint": None,
                 "usage": self._usage(body, chat, text), "prompt_logprobs": None,
                 "kv_transfer_params": None}
 
@@ -401,6 +457,56 @@ class StandIn:
         await self._raw(send, status, json.dumps(obj).encode(), b"application/json")
 
 
+class _LateServer:
+    """A stand-in served from a thread on a port that is bound at once but listens only when
+    the stand-in is ready (`ready_after`): until then, connecting is refused, as with vLLM."""
+
+    def __init__(self, app: StandIn, **options):
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False,
+                                                   lifespan="on", **options))
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"standin-{self.port}")
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except SystemExit:
+            pass  # uvicorn's exit when a start-up is abandoned (stopped before it was ready)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def listening(self) -> bool:
+        return self.server.started
+
+
+@contextmanager
+def standin_server(app: StandIn, *, wait: bool = True, **options):
+    """Serve `app` in a thread; with wait=True, return once it listens (after ready_after)."""
+    server = _LateServer(app, **options)
+    server.thread.start()
+    try:
+        deadline = time.monotonic() + 10 + max(0.0, app.ready_at - time.monotonic())
+        while wait and not server.listening:
+            if not server.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("stand-in server did not start")
+            time.sleep(0.005)
+        yield server
+    finally:
+        server.server.should_exit = True
+        app.abandoned = not server.listening  # a start-up still waiting gives up, unbound
+        server.thread.join(timeout=10)
+        server.sock.close()
+
+
 def main(argv=None) -> None:
     import uvicorn
 
@@ -411,7 +517,8 @@ def main(argv=None) -> None:
     p.add_argument("--api-key")
     p.add_argument("--ignore-constraints", action="store_true",
                    help="answer plain text whatever constraint is asked (like guided_* today)")
-    p.add_argument("--ready-after", type=float, default=0.0, help="503 on everything until then")
+    p.add_argument("--ready-after", type=float, default=0.0,
+                   help="listen only after this many seconds (vLLM loading its model)")
     p.add_argument("--break-after", type=int, help="drop the connection after N stream chunks")
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds between chunks")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 from servers import ROOT_DIR, ProcessServer, ThreadServer, free_port
-from standin import StandIn, from_grammar
+from standin import StandIn, from_grammar, standin_server
 from typer.testing import CliRunner
 
 import checks
@@ -37,7 +37,8 @@ def standin(**behaviour) -> StandIn:
 @contextmanager
 def gateway_before(matrix, upstream: StandIn, models=H100_MODELS):
     """The gateway (as --serve-local builds it) in a thread, in front of a stand-in thread."""
-    with ThreadServer(upstream) as up:
+    # A stand-in given ready_after does not listen until then (vLLM's start-up).
+    with standin_server(upstream, wait=upstream.ready_at <= time.monotonic()) as up:
         served = [matrix.models[k] for k in models]
         backend = gateway.HTTPBackend({m.key: up.url for m in served})
         app = gateway.build_app(served, backend, api_key=KEY)
@@ -119,9 +120,8 @@ def test_an_endpoint_that_answers_without_a_key_fails_both_auth_checks():
 
 
 def test_a_cold_start_is_waited_for_and_reported_apart_from_latency(matrix):
-    upstream = standin()
+    upstream = standin(ready_after=2.0)  # connection refused (a 503) until then
     with gateway_before(matrix, upstream) as url:
-        upstream.ready_at = time.monotonic() + 2.0  # 503 until then, from now (not start-up)
         report = suite(url, "--deadline", "60s", "--test-model", "gemma-3-27b")
     assert report["passed"] is True
     assert report["cold_start_s"]["endpoint"] < 0.5  # the gateway's /health answers at once
@@ -261,9 +261,8 @@ def test_warm_wakes_every_model_and_keeps_them_warm_with_the_hourly_cost(matrix,
     fast_scaledown = tmp_path / "models.yaml"  # a 3 s scaledown window: a ping every second
     fast_scaledown.write_text(config.DEFAULT_PATH.read_text().replace(
         "scaledown_window_seconds: 900", "scaledown_window_seconds: 3"))
-    upstream = standin()
+    upstream = standin(ready_after=1.0)  # refuses connections for its first second
     with gateway_before(matrix, upstream) as url:
-        upstream.ready_at = time.monotonic() + 1.0
         result = run("--warm", "h100", "--base-url", url, "--api-key", KEY, "--keep-warm", "3s",
                      "--config", str(fast_scaledown), "--json")
     assert result.exit_code == 0, result.output

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 import cloud
 import config
 import deploy
+import gateway_server
 import plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -708,7 +709,8 @@ def test_exit_codes_are_documented_in_the_epilog():
     codes = {cls.exit_code for cls in (
         config.UserError, config.UsageError, config.ConfigError, cloud.NotDeployedError,
         cloud.DeployFailedError, cloud.NotAuthenticatedError, cloud.ModalUnreachableError,
-        cloud.SecretMissingError, cloud.LimitReachedError, cloud.BuildFailedError)}
+        cloud.SecretMissingError, cloud.LimitReachedError, cloud.BuildFailedError,
+        gateway_server.CannotListenError)}
     assert codes | {0} == set(cloud.EXIT_CODES)
     epilog = re.sub(r"\s+", " ", deploy.EXAMPLES)
     for code in cloud.EXIT_CODES:

@@ -13,8 +13,8 @@ import socket
 import httpx
 import openai
 import pytest
-from servers import HOST, ThreadServer, free_port, wait_until
-from standin import StandIn
+from servers import HOST, ThreadServer, wait_until
+from standin import StandIn, standin_server
 
 import config
 import gateway
@@ -457,8 +457,26 @@ def test_stream_error_before_first_byte_keeps_its_status(env):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_starting_backend_is_503_with_retry_after(matrix, stream):
-    with ThreadServer(StandIn([G12], ready_after=60)) as starting, \
+def test_a_backend_not_listening_yet_is_503_with_retry_after(matrix, stream):
+    """vLLM 0.33 does not listen until its model is loaded: the gateway sees connection
+    refused, and tells the client to come back; once it listens, the same request works."""
+    standin = StandIn([G12], ready_after=0.5)
+    with standin_server(standin, wait=False) as starting, \
+            start_gateway(matrix, {"gemma-3-12b": starting.url}) as gw:
+        with pytest.raises(openai.InternalServerError) as caught:
+            reply = sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO,
+                                                        stream=stream)
+            list(reply) if stream else None
+        assert caught.value.status_code == 503 and "connection refused" in caught.value.message
+        assert int(caught.value.response.headers["retry-after"]) > 0
+        assert wait_until(lambda: starting.listening, timeout=30)
+        assert sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_503_keeps_its_retry_after(matrix, stream):
+    """A proxy in front of vLLM (or Modal) may answer 503 while a model starts."""
+    with ThreadServer(StandIn([G12], fail_status=503)) as starting, \
             start_gateway(matrix, {"gemma-3-12b": starting.url}) as gw:
         with pytest.raises(openai.InternalServerError) as caught:
             reply = sdk(gw.url).chat.completions.create(model="gemma-3-12b", messages=HELLO,
@@ -469,11 +487,10 @@ def test_starting_backend_is_503_with_retry_after(matrix, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_refused_connection_and_5xx_are_502(matrix, stream):
-    with ThreadServer(StandIn([G12], fail_status=500)) as failing, \
-            start_gateway(matrix, {"gemma-3-12b": f"http://{HOST}:{free_port()}",
-                                   "gemma-3-27b": failing.url}) as gw:
-        for name in ("gemma-3-12b", "gemma-3-27b"):
+def test_upstream_5xx_is_502(matrix, stream):
+    with ThreadServer(StandIn([G27], fail_status=500)) as failing, \
+            start_gateway(matrix, {"gemma-3-27b": failing.url}) as gw:
+        for name in ("gemma-3-27b",):
             with pytest.raises(openai.InternalServerError) as caught:
                 reply = sdk(gw.url).chat.completions.create(model=name, messages=HELLO,
                                                             stream=stream)
@@ -600,3 +617,192 @@ def test_a_backend_adds_response_headers_and_receives_bytes(matrix, stream):
     assert json.loads(backend.bodies[0])["model"] == "google/gemma-3-12b-it"
     if not stream:
         assert sent[1]["body"] == b'{"id": "x", "choices": []}'  # forwarded as it came
+
+
+# ## Fields read as vLLM 0.33 reads them (pydantic's lax mode)
+
+
+@pytest.mark.parametrize("n", ["129", 129.0, 1e3, " 200 ", "1_000", True and 129])
+@pytest.mark.parametrize("path", [gateway.CHAT, gateway.COMPLETIONS])
+def test_the_n_cap_holds_for_every_form_vllm_coerces(env, n, path):
+    body = {"model": "gemma-3-12b", "messages": HELLO, "prompt": "x", "n": n}
+    with raw(env["url"]) as client:
+        error = assert_openai_error(client.post(path, json=body), 400)
+    assert error["param"] == "n" and not env["a"].received
+
+
+@pytest.mark.parametrize(("prompt", "n", "ok"), [
+    (["p"] * 1000, 1, False), (["p"] * 128, 1, True), (["p"] * 65, 2, False),
+    ([[1, 2]] * 64, 2, True), ([[1, 2]] * 129, 1, False), (list(range(1000)), 128, True),
+    ("one prompt", 128, True), ([1.0, 2.0], 128, True),
+])
+def test_completions_cap_n_times_the_prompts(env, prompt, n, ok):
+    body = {"model": "gemma-3-12b", "prompt": prompt, "n": n, "max_tokens": 1}
+    with raw(env["url"]) as client:
+        response = client.post(gateway.COMPLETIONS, json=body)
+    if ok:
+        assert response.status_code == 200, response.text
+    else:
+        assert_openai_error(response, 400)
+        assert not env["a"].received
+
+
+@pytest.mark.parametrize("stream", ["true", 1, "yes", "on", 1.0, "1"])
+def test_a_truthy_non_boolean_stream_is_streamed(env, stream):
+    with raw(env["url"]) as client:
+        response = client.post(gateway.CHAT, json={"model": "gemma-3-12b", "messages": HELLO,
+                                                   "stream": stream})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("stream", ["false", 0, "no", None])
+def test_a_falsy_stream_is_one_json_answer(env, stream):
+    with raw(env["url"]) as client:
+        response = client.post(gateway.CHAT, json={"model": "gemma-3-12b", "messages": HELLO,
+                                                   "stream": stream})
+    assert response.status_code == 200 and response.json()["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("so", ["regex", ["json"], 1, True])
+def test_a_non_object_structured_outputs_is_a_400_not_vllms_500(env, so):
+    with raw(env["url"]) as client:
+        error = assert_openai_error(client.post(gateway.CHAT, json={
+            "model": "gemma-3-12b", "messages": HELLO, "structured_outputs": so}), 400)
+    assert error["param"] == "structured_outputs" and not env["a"].received
+    with ThreadServer(StandIn([G12])) as direct:  # what vLLM 0.33 itself answers
+        response = httpx.post(direct.url + gateway.CHAT, json={
+            "model": G12, "messages": HELLO, "structured_outputs": so})
+    assert response.status_code == 500
+
+
+def test_a_lone_guided_whitespace_pattern_is_dropped_not_sent_alone(env):
+    reply = sdk(env["url"]).chat.completions.create(
+        model="gemma-3-12b", messages=HELLO, extra_body={"guided_whitespace_pattern": r"\s*"})
+    assert reply.choices[0].message.content
+    assert "structured_outputs" not in env["a"].last_body
+    assert not [k for k in env["a"].last_body if k.startswith("guided_")]
+    sdk(env["url"]).chat.completions.create(model="gemma-3-12b", messages=HELLO, extra_body={
+        "guided_json": PERSON, "guided_whitespace_pattern": " "})
+    assert env["a"].last_body["structured_outputs"] == {"json": PERSON, "whitespace_pattern": " "}
+
+
+def test_the_legacy_top_level_structural_tag_is_translated(env):
+    tag = json.dumps({"type": "structural_tag", "format": {"type": "const_string", "value": "x"}})
+    with raw(env["url"]) as client:
+        client.post(gateway.CHAT, json={"model": "gemma-3-12b", "messages": HELLO,
+                                        "structural_tag": tag})
+    assert env["a"].last_body["structured_outputs"] == {"structural_tag": tag}
+    assert "structural_tag" not in env["a"].last_body
+
+
+# ## Bodies: bounded work, and the client's bytes when nothing changes
+
+
+def nested(depth: int) -> bytes:
+    return (b'{"model": "' + G12.encode() + b'", "prompt": "x", "max_tokens": 1, "x": '
+            + b"[" * depth + b"]" * depth + b"}")
+
+
+def test_depth_is_bounded_at_400(env):
+    with raw(env["url"]) as client:
+        assert client.post(gateway.COMPLETIONS, content=nested(399)).status_code == 200
+        for depth in (401, 970, 100_000):
+            error = assert_openai_error(client.post(gateway.COMPLETIONS, content=nested(depth)),
+                                        400)
+            assert "nested more than 400 deep" in error["message"]
+
+
+def test_brackets_inside_strings_do_not_count(env):
+    with raw(env["url"]) as client:
+        body = {"model": "gemma-3-12b", "prompt": "[" * 5000 + "{" * 5000, "max_tokens": 1}
+        assert client.post(gateway.COMPLETIONS, json=body).status_code == 200
+
+
+def test_a_body_of_empty_arrays_is_refused_cheaply(env):
+    body = b'{"model": "gemma-3-12b", "prompt": "x", "x": [' + b"[]," * 200_000 + b"[]]}"
+    with raw(env["url"]) as client:
+        error = assert_openai_error(client.post(gateway.COMPLETIONS, content=body), 400)
+    assert "more than 100000 arrays" in error["message"] and not env["a"].received
+
+
+def test_the_clients_bytes_are_forwarded_unchanged_when_nothing_is_rewritten(env):
+    body = (b'{ "model" : "google/gemma-3-12b-it",\n "prompt": "caf\\u00e9 \xf0\x9f\x98\x80",'
+            b' "max_tokens": 1.0e0, "temperature": 0.50 }')
+    with raw(env["url"]) as client:
+        assert client.post(gateway.COMPLETIONS, content=body).status_code == 200
+    assert env["a"].raw_bodies[-1] == body
+    with raw(env["url"]) as client:  # a rewritten model keeps every other value's bytes
+        client.post(gateway.COMPLETIONS, content=body.replace(b"google/gemma-3-12b-it",
+                                                              b"GEMMA-3-12B"))
+    assert env["a"].raw_bodies[-1] == (b'{"model":"google/gemma-3-12b-it","prompt":'
+                                       b'"caf\\u00e9 \xf0\x9f\x98\x80","max_tokens":1.0e0,'
+                                       b'"temperature":0.50}')
+
+
+def test_duplicate_keys_are_read_as_vllm_reads_them_the_last_one_wins(env):
+    body = b'{"model": "gemma-3-12b", "prompt": "x", "n": 1, "n": 500}'
+    with raw(env["url"]) as client:
+        assert assert_openai_error(client.post(gateway.COMPLETIONS, content=body),
+                                   400)["param"] == "n"
+
+
+# ## Key hygiene, logs, HEAD
+
+
+def test_a_key_with_whitespace_is_stripped_with_a_warning(matrix, caplog):
+    caplog.set_level(logging.WARNING, logger="gateway")
+    app = gateway.build_app([matrix.models["gemma-3-12b"]], gateway.HTTPBackend({}),
+                            api_key=f"  {KEY}\n")
+    with ThreadServer(app) as gw:
+        assert raw(gw.url).get("/v1/models").status_code == 200
+    assert "stripped" in caplog.text and KEY not in caplog.text
+    with pytest.raises(config.UsageError):
+        gateway.build_app([matrix.models["gemma-3-12b"]], gateway.HTTPBackend({}), api_key=" \n")
+
+
+def log_lines(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway"]
+
+
+def test_a_path_holding_the_key_is_masked_in_the_log(env, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+    with raw(env["url"]) as client:
+        client.get(f"/v1/{KEY}/models")
+        client.get("/x" * 45 + KEY)  # the key past the clipping point, not cut in two
+    assert wait_until(lambda: len(log_lines(caplog)) >= 2)
+    assert KEY not in caplog.text and KEY[:12] not in caplog.text
+    assert [line["status"] for line in log_lines(caplog)] == [404, 404]
+
+
+def test_an_unknown_models_name_is_logged_clipped_and_escaped(env, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+    name = "evil\n{\"status\": 200}" + "x" * 500
+    with raw(env["url"]) as client:
+        client.post(gateway.CHAT, json={"model": name, "messages": HELLO})
+    assert wait_until(lambda: log_lines(caplog))
+    (line,) = log_lines(caplog)
+    assert line["status"] == 404 and line["model"].startswith("evil\n{")
+    assert len(line["model"]) <= 101 and "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_client_that_leaves_is_logged_499_with_its_model(matrix, caplog):
+    caplog.set_level(logging.INFO, logger="gateway")
+    with ThreadServer(StandIn([G12], delay=5)) as slow, \
+            start_gateway(matrix, {"gemma-3-12b": slow.url}) as gw:
+        with pytest.raises(httpx.ReadTimeout):
+            raw(gw.url).post(gateway.CHAT, timeout=0.3,
+                             json={"model": "gemma-3-12b", "messages": HELLO})
+        assert wait_until(lambda: log_lines(caplog))
+    assert log_lines(caplog)[0]["status"] == 499
+    assert log_lines(caplog)[0]["model"] == "gemma-3-12b"
+
+
+def test_head_answers_wherever_get_does(env):
+    with raw(env["url"]) as client:
+        head = client.head("/v1/models")
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) == len(client.get("/v1/models").content)
+        assert client.head("/health").status_code == 200
+        assert client.post("/v1/models").headers["allow"] == "GET, HEAD"

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 from servers import ThreadServer
 from standin import StandIn
 
@@ -147,3 +148,61 @@ def test_completion_requests_of_any_shape_never_5xx(target, path, body):
         assert forwarded["model"] in {m for m in standin.names}
     else:
         check_error_shape(response)
+
+
+# ## Lax-typed fields: the gateway decides on the value vLLM (pydantic, lax mode) will use
+
+LAX_INT, LAX_BOOL = TypeAdapter(int), TypeAdapter(bool)
+numbers = st.integers(-5, 400)
+int_forms = st.one_of(
+    numbers, numbers.map(float), numbers.map(str), numbers.map(lambda n: f" {n} "),
+    numbers.map(lambda n: f"{n}.0"), numbers.map(lambda n: f"{n:_}"),
+    numbers.map(lambda n: float(f"{n}e0")), st.floats(-5, 400), st.booleans(),
+    st.text(max_size=6), st.none())
+bool_forms = st.one_of(
+    st.booleans(), st.integers(-1, 2), st.floats(-1, 2), st.none(), st.sampled_from(
+        ["true", "True", "TRUE", "1", "yes", "on", "y", "t", "false", "0", "off", "no", "n",
+         "f", "", " true", "maybe", "2"]), st.text(max_size=4))
+
+
+def coerced(adapter, value):
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return None
+
+
+@FUZZ
+@given(n=int_forms, path=st.sampled_from([gateway.CHAT, gateway.COMPLETIONS]))
+def test_n_is_capped_on_the_value_vllm_will_use(target, n, path):
+    client, standin = target
+    before = len(standin.received)
+    response = client.post(path, headers={"Authorization": f"Bearer {KEY}"}, content=json.dumps(
+        {"model": "gemma-3-12b", "messages": [{"role": "user", "content": "hi"}],
+         "prompt": "hi", "max_tokens": 1, "n": n}))
+    value = coerced(LAX_INT, n)
+    if value is not None and value > gateway.MAX_N:
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+        assert len(standin.received) == before  # refused before vLLM
+    else:
+        assert response.status_code in (200, 400), response.text  # vLLM's own answer
+        assert len(standin.received) == before + 1
+        event(f"n {'valid' if value is not None and value >= 1 else 'refused by vLLM'}")
+
+
+@FUZZ
+@given(stream=bool_forms, path=st.sampled_from([gateway.CHAT, gateway.COMPLETIONS]))
+def test_stream_is_decided_as_vllm_will_decide_it(target, stream, path):
+    client, _ = target
+    response = client.post(path, headers={"Authorization": f"Bearer {KEY}"}, content=json.dumps(
+        {"model": "gemma-3-12b", "messages": [{"role": "user", "content": "hi"}],
+         "prompt": "hi", "max_tokens": 2, "stream": stream}))
+    value = coerced(TypeAdapter(bool | None), stream) if stream is not None else None
+    sse = response.headers.get("content-type", "").startswith("text/event-stream")
+    if value is True:
+        assert response.status_code == 200 and sse, response.text
+        assert response.text.rstrip().endswith("[DONE]")
+    else:
+        assert not sse and response.status_code in (200, 400), response.text
+        assert response.status_code == (400 if value is None and stream is not None else 200)
+    event(f"stream {value}")

@@ -20,7 +20,7 @@ import pytest
 from modal._partial_function import _find_partial_methods_for_user_cls
 from modal._partial_function import _PartialFunctionFlags as Flags
 from servers import ThreadServer, wait_until
-from standin import StandIn
+from standin import StandIn, standin_server
 
 import config
 import engine
@@ -729,8 +729,8 @@ def test_a_starting_engine_in_the_pool_is_a_503_with_retry_after(workspace, stre
                                                                "stream": stream},
                                      headers={"Authorization": "Bearer " + "k" * 20})
 
-    with ThreadServer(starting) as server:
+    with standin_server(starting, wait=False) as server:  # vLLM refuses until it is ready
         response = run_backend(workspace, engine_pool(workspace, server.url), post)
     assert response.status_code == 503 and response.headers["retry-after"] == "10"
     assert response.json()["error"]["message"] == (
-        f"backend for '{MODEL.name}' is starting: the server is starting")
+        f"backend for '{MODEL.name}' is starting or down: connection refused")
