@@ -73,8 +73,8 @@ def build(matrix: config.Matrix, gpu_key: str) -> gpu_pool.Built:
     router = app.function(
         image=gpu_pool.router_image(matrix, env, (MODULE,)),
         secrets=gpu_pool.secrets([plan.API_KEY_SECRET]),  # API_KEY for bearer auth
-        cpu=1.0,  # the router relays bytes; one core is plenty
-        memory=1024,  # MiB; room for 32 MiB request bodies in flight
+        cpu=config.ROUTER_CPU_CORES,  # the router relays bytes; one core is plenty
+        memory=config.ROUTER_MEMORY_MIB,  # room for 32 MiB request bodies in flight
         scaledown_window=defaults.scaledown_window_seconds,  # stay up as long as the pools
         timeout=defaults.request_timeout_seconds,  # long generations pass through it
         name=plan.WEB_FUNCTION,
