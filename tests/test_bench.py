@@ -108,10 +108,14 @@ def test_the_cost_counts_the_replicas_the_load_needs(matrix, concurrency, replic
     settings = bench.Settings(concurrency=concurrency)
     metrics = {"output_throughput": 1000.0}
     result = bench.build_result(target, matrix.models["gemma-3-27b"], settings, metrics, 0.0, "")
+    # gemma-3-27b needs two L40S per replica ($3.90/h), and the replica reserves 5 cores
+    # (5 x $0.04716 = $0.2358/h) and 20 GiB (20 x $0.007992 = $0.15984/h): $4.29564/h in all.
     assert (result["replicas"], result["gpus_per_replica"], result["usd_per_hour"]) == (
-        replicas, 2, 3.9)  # gemma-3-27b needs two L40S per replica
+        replicas, 2, 4.2956)
+    assert result["usd_per_hour_split"] == {"gpu": 3.9, "cpu": 0.2358, "memory": 0.1598}
+    # 1000 tokens/s is 3.6M tokens an hour, per replica's hour.
     assert result["usd_per_million_output_tokens"] == approx(
-        round(replicas * 3.9 / 3.6, 4))
+        round(replicas * 4.29564 / 3.6, 4))
 
 
 def test_prompts_have_the_asked_length_and_differ_per_request():
@@ -259,10 +263,12 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
     assert m["tpot_ms"]["mean"] == approx(per_token, abs=0.01)
     assert m["itl_ms"]["mean"] == approx(per_token, abs=0.01)
     assert m["output_throughput"] == approx(48 / m["duration_s"], rel=1e-3)
-    assert r["usd_per_hour"] == 3.95 and r["gpus_per_replica"] == 1 and r["gpu"] == "h100"
+    # One H100 ($3.95/h) + 4 cores ($0.18864/h) + 14 GiB ($0.111888/h) = $4.250528/h.
+    assert r["usd_per_hour"] == 4.2505 and r["gpus_per_replica"] == 1 and r["gpu"] == "h100"
+    assert r["usd_per_hour_split"] == {"gpu": 3.95, "cpu": 0.1886, "memory": 0.1119}
     assert r["replicas"] == 1  # 4 requests in flight, 32 per replica
     assert r["usd_per_million_output_tokens"] == approx(
-        3.95 / (m["output_throughput"] * 3600) * 1e6, rel=1e-3)
+        4.250528 / (m["output_throughput"] * 3600) * 1e6, rel=1e-3)
     assert r["cost_assumption"].startswith(
         "1 replica(s) for 4 requests in flight (32 per replica, at most 4), each busy for the "
         "run's wall time")
@@ -272,8 +278,8 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
     assert table.exit_code == 0, table.output
     text = " ".join(table.stdout.split())
     assert "Requests 8 completed, 0 failed" in text
-    assert "per million output tokens at $3.95/h for 1x h100 per replica (assumes 1 replica(s)" \
-        in text
+    assert ("per million output tokens at $4.25/h per replica ($3.95 GPU + $0.19 CPU + $0.11 "
+            "memory; 1x h100) x 1 (assumes 1 replica(s)") in text
     assert "Cheapest meeting the targets: l40s at $0.01 per million output tokens." in text
     assert KEY not in table.output
     assert len(list(tmp_path.glob("gemma-3-12b-h100-*.json"))) == 2
