@@ -31,12 +31,14 @@ STARTER_PLAN_ENDPOINT_LIMIT = 8  # web endpoints a Modal Starter workspace may d
 # start for these config.json model_types ("Numerical instability").
 FLOAT16_REFUSED_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text", "glm4")
 # Architectures whose vLLM class sets `is_3d_moe_weight = True`
-# (model_executor/models/qwen3_vl_moe.py, qwen3_5.py, qwen3_omni_moe_thinker.py,
-# interns1_pro.py): lora/model_manager.py then wraps their experts in
-# FusedMoE3DWithLoRA (gate and up fused), every other MoE in FusedMoEWithLoRA.
+# (model_executor/models/gpt_oss.py, qwen3_vl_moe.py, qwen3_5.py,
+# qwen3_omni_moe_thinker.py, interns1_pro.py; scripts/vllm_contract.py checks the list):
+# lora/model_manager.py then wraps their experts in FusedMoE3DWithLoRA (gate and up
+# fused), every other MoE in FusedMoEWithLoRA.
 FUSED_3D_MOE_ARCHITECTURES = (
-    "Qwen3VLMoeForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
-    "Qwen3OmniMoeForConditionalGeneration", "InternS1ProForConditionalGeneration",
+    "GptOssForCausalLM", "InternS1ProForConditionalGeneration",
+    "Qwen3OmniMoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration",
 )
 KV_BLOCK_TOKENS = 16  # config/cache.py CacheConfig.DEFAULT_BLOCK_SIZE
 KV_BYTES = 2  # KV cache dtype "auto" = the model's dtype (bf16/fp16), also with fp8 weights
