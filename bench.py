@@ -197,6 +197,8 @@ def rank(results: list[dict], *, max_ttft_ms: float | None = None,
                 misses.append(f"{label} p99 {shown} ms > {limit:g} ms")
         rows.append({"gpu": r["gpu"], "gpu_string": r.get("gpu_string", r["gpu"]),
                      "usd_per_million_output_tokens": r["usd_per_million_output_tokens"],
+                     # runs saved before CPU and memory were counted priced the GPUs only
+                     "gpu_only_cost": "usd_per_hour_split" not in r,
                      "output_throughput": m["output_throughput"], "ttft_p99_ms": ttft,
                      "tpot_p99_ms": tpot, "meets_targets": not misses, "misses": misses,
                      "started_at": r["started_at"], "file": r.get("file")})
@@ -442,7 +444,10 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
                     ("#", "gpu", "$/M out tok", "out tok/s", "TTFT p99 ms", "TPOT p99 ms",
                      "targets"), wrap="targets")
     for n, row in enumerate(rows, 1):
-        compare.add_row(str(n), row["gpu"], _money(row["usd_per_million_output_tokens"]),
+        cost = _money(row["usd_per_million_output_tokens"])
+        if row.get("gpu_only_cost") and row["usd_per_million_output_tokens"] is not None:
+            cost += " (GPU only: an older run)"
+        compare.add_row(str(n), row["gpu"], cost,
                         _num(row["output_throughput"]), _num(row["ttft_p99_ms"], 0),
                         _num(row["tpot_p99_ms"], 0),
                         "[green]met[/green]" if row["meets_targets"] else

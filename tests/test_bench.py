@@ -140,6 +140,15 @@ RUNS = [saved_run("l40s", 2.17, ttft_p99=900), saved_run("h100", 1.10, ttft_p99=
         saved_run("b200", 1.50, ttft_p99=100), saved_run("a100", 0.90, failed=2)]
 
 
+def test_runs_saved_before_cpu_and_memory_were_counted_are_marked():
+    # Such a run's $ per million tokens priced the GPUs only: ~7 % low against a new one.
+    old = saved_run("h100", 1.10)
+    new = {**saved_run("a100", 0.90), "usd_per_hour_split": {"gpu": 2.5, "cpu": 0.19,
+                                                              "memory": 0.11}}
+    rows = bench.rank([old, new])
+    assert [(r["gpu"], r["gpu_only_cost"]) for r in rows] == [("a100", False), ("h100", True)]
+
+
 def test_runs_rank_by_cost_and_failed_runs_never_win():
     rows = bench.rank(RUNS)
     assert [r["gpu"] for r in rows] == ["h100", "b200", "l40s", "a100"]
@@ -245,6 +254,8 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
         # A cheaper (made-up) run on L40S under the same load, then a second run in table form.
         cheaper = {**out["result"], "gpu": "l40s", "usd_per_million_output_tokens": 0.01}
         (tmp_path / "l40s.json").write_text(json.dumps(cheaper))
+        older = {k: v for k, v in out["result"].items() if k != "usd_per_hour_split"}
+        (tmp_path / "b200.json").write_text(json.dumps({**older, "gpu": "b200"}))
         table = run_bench(url, tmp_path, "--max-ttft-ms", "60000")
     r = out["result"]
     m = r["metrics"]
@@ -281,6 +292,7 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
     assert ("per million output tokens at $4.25/h per replica ($3.95 GPU + $0.19 CPU + $0.11 "
             "memory; 1x h100) x 1 (assumes 1 replica(s)") in text
     assert "Cheapest meeting the targets: l40s at $0.01 per million output tokens." in text
+    assert "(GPU only: an older run)" in text  # the b200 run saved without the split
     assert KEY not in table.output
     assert len(list(tmp_path.glob("gemma-3-12b-h100-*.json"))) == 2
 
