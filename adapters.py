@@ -69,12 +69,13 @@ def check_adapter_dir(matrix: config.Matrix, model_name: str, adapter_name: str,
             f"{config_file}: base_model_name_or_path is '{base}', but {model.key} serves "
             f"{model.huggingface_id}; an adapter only works on the model it was trained on"
         )
-    rank = peft.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"{config_file}: 'r' (the LoRA rank) must be a positive integer")
+    problems = [f"{config_file}: {problem}" for problem in peft_problems(peft)]
+    if problems:
+        raise AdapterError("\n".join(problems))
+    rank, where = effective_rank(peft)
     if rank > adapter.rank:
         raise AdapterError(
-            f"{config_file}: rank {rank} is above the {adapter.rank} declared for "
+            f"{config_file}: rank {rank}{where} is above the {adapter.rank} declared for "
             f"{adapter.name} in {matrix.path.name}; vLLM would refuse it at start-up"
         )
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -82,6 +83,68 @@ def check_adapter_dir(matrix: config.Matrix, model_name: str, adapter_name: str,
     files = sorted(p.relative_to(folder) for p in folder.rglob("*")
                    if p.is_file() and not p.name.startswith("."))
     return CheckedAdapter(model, adapter, folder, files)
+
+
+# ## What vLLM 0.33 refuses when it loads an adapter (lora/peft_helper.py PEFTHelper)
+#
+# A static adapter (--lora-modules) that fails these checks aborts vLLM's start-up, so
+# a deploy would crash-loop; each is refused here, before the upload, as one line.
+
+# PEFTHelper._init_is_supported: these inits only set the first weights (the saved
+# adapter is a plain LoRA); others (PiSSA, OLoRA, CorDA, LoftQ, ...) change the base model.
+INIT_LORA_WEIGHTS_SERVED = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# PEFTHelper's fields without a default: from_dict refuses a config that lacks one.
+REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
+# PEFTHelper._validate_features: PEFT features vLLM does not implement.
+UNSERVED_FEATURES = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "alora_invocation_tokens": "Activated LoRA (alora_invocation_tokens)",
+    "layer_replication": "layer_replication",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "use_qalora": "QALoRA (use_qalora)",
+}
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def peft_problems(peft: dict) -> list[str]:
+    """Every reason vLLM 0.33 would refuse this adapter_config.json, one line each."""
+    problems = []
+    missing = [name for name in REQUIRED_FIELDS if name not in peft]
+    if missing:
+        problems.append(f"lacks {', '.join(missing)}, which vLLM requires")
+    if "r" in peft and not _positive_int(peft["r"]):
+        problems.append("'r' (the LoRA rank) must be a positive integer")
+    pattern = peft.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not all(_positive_int(v) for v in pattern.values()):
+        problems.append("rank_pattern: every rank must be a positive integer")
+    for field, feature in UNSERVED_FEATURES.items():
+        if peft.get(field):
+            problems.append(f"{field}: vLLM does not serve {feature}")
+    bias = peft.get("bias", "none")
+    if bias != "none":
+        problems.append(f"bias is {bias!r}: vLLM serves only adapters with bias 'none'")
+    if peft.get("modules_to_save"):
+        # peft_helper.py takes only classifier or score, and lora/model_manager.py loads
+        # those only into a classification model's head; the models served here generate.
+        problems.append(f"modules_to_save {peft['modules_to_save']!r}: vLLM serves no fully "
+                        "trained modules beside the LoRA weights on a generative model")
+    init = peft.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in INIT_LORA_WEIGHTS_SERVED:
+        problems.append(f"init_lora_weights {init!r}: vLLM refuses it (the init changes the "
+                        "base model's weights; convert the adapter to a plain LoRA with PEFT)")
+    return problems
+
+
+def effective_rank(peft: dict) -> tuple[int, str]:
+    """The rank vLLM checks against --max-lora-rank: the largest of r and rank_pattern's
+    values (PEFTHelper.validate_legal), and where it comes from."""
+    pattern = [v for v in (peft.get("rank_pattern") or {}).values()]
+    rank = max([peft["r"], *pattern])
+    return rank, (" (from rank_pattern)" if rank > peft["r"] else "")
 
 
 def _same_model(base: str, model: config.Model) -> bool:

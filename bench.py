@@ -10,10 +10,11 @@ so the numbers read the same way:
   wall time, where wall time runs from the first request sent to the last one finished.
 Percentiles interpolate linearly between closest ranks, as numpy's default does.
 
-Cost per million output tokens = GPU $/hour x GPUs per replica x replicas / (output tokens/s
-x 3600) x 1e6, where replicas = the requests in flight / max_concurrent_inputs rounded up (at
+Cost per million output tokens = replica $/hour x replicas / (output tokens/s x 3600) x 1e6,
+where a replica's $/hour is its GPUs plus the CPU and memory it reserves (config.Bill: Modal
+bills all three) and replicas = the requests in flight / max_concurrent_inputs rounded up (at
 most max_replicas): what Modal runs for that load, each busy for the run's wall time; cold
-starts, idle time and the CPU router are not in it.
+starts, idle time and the GPU app's CPU router (shared by its models) are not in it.
 Every run is saved as JSON under a results folder; the comparison ranks the latest
 run on each GPU (same model, same load settings) by that cost.
 """
@@ -208,6 +209,8 @@ def rank(results: list[dict], *, max_ttft_ms: float | None = None,
                 misses.append(f"{label} p99 {shown} ms > {limit:g} ms")
         rows.append({"gpu": r["gpu"], "gpu_string": r.get("gpu_string", r["gpu"]),
                      "usd_per_million_output_tokens": r["usd_per_million_output_tokens"],
+                     # runs saved before CPU and memory were counted priced the GPUs only
+                     "gpu_only_cost": "usd_per_hour_split" not in r,
                      "output_throughput": m["output_throughput"], "ttft_p99_ms": ttft,
                      "tpot_p99_ms": tpot, "meets_targets": not misses, "misses": misses,
                      "started_at": r["started_at"], "file": r.get("file")})
@@ -315,14 +318,16 @@ def replicas_for(concurrency: int, defaults: config.Defaults) -> int:
 def cost_assumption(replicas: int, settings: Settings, defaults: config.Defaults) -> str:
     return (f"{replicas} replica(s) for {settings.concurrency} requests in flight "
             f"({defaults.max_concurrent_inputs} per replica, at most {defaults.max_replicas}), "
-            "each busy for the run's wall time at models.yaml's $/hour; cold starts, idle time, "
-            "the scaledown tail and the CPU router are not included")
+            "each busy for the run's wall time at its GPUs' $/hour plus the CPU and memory it "
+            "reserves; cold starts, idle time, the scaledown tail and the CPU router are not "
+            "included")
 
 
 def build_result(target, model: config.Model, settings: Settings, metrics: dict,
                  cold_start_s: float, started_at: str) -> dict:
     pool = next(p for p in target.app.pools if p.model == model)
-    usd_per_hour = pool.fit.usd_per_hour  # one replica: $/hour per GPU x its GPUs
+    bill = pool.bill  # one replica: its GPUs, and the CPU and memory it reserves
+    usd_per_hour = bill.usd_per_hour
     replicas = replicas_for(settings.concurrency, target.defaults)
     cost = usd_per_million_tokens(usd_per_hour * replicas, metrics["output_throughput"])
     return {
@@ -331,7 +336,9 @@ def build_result(target, model: config.Model, settings: Settings, metrics: dict,
         "gpus_per_replica": pool.fit.count, "app": target.app.name,
         "endpoint": target.base_url, "started_at": started_at, "settings": asdict(settings),
         "cold_start_s": round(cold_start_s, 3), "metrics": metrics,
-        "usd_per_hour": round(usd_per_hour, 4), "replicas": replicas,
+        "usd_per_hour": round(usd_per_hour, 4),  # per replica: GPU + CPU + memory
+        "usd_per_hour_split": {k: round(v, 4) for k, v in bill.split().items()},
+        "replicas": replicas,
         "usd_per_million_output_tokens": None if cost is None else round(cost, 4),
         "cost_assumption": cost_assumption(replicas, settings, target.defaults),
     }
@@ -421,6 +428,15 @@ def _money(value: float | None) -> str:
     return "-" if value is None else f"${value:.2f}"
 
 
+def _split_text(result: dict) -> str:
+    """GPU + CPU + memory of a saved run (runs saved before the split show the total only)."""
+    split = result.get("usd_per_hour_split")
+    if not split:
+        return "GPU, CPU and memory not split"
+    return (f"${split['gpu']:.2f} GPU + ${split['cpu']:.2f} CPU + "
+            f"${split['memory']:.2f} memory")
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -456,8 +472,9 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
         (f"Wake-up     {result['cold_start_s']:.1f} s to the first one-token completion before "
         "the run (any cold start; not in the metrics)"),
         (f"Cost        {_money(result['usd_per_million_output_tokens'])} per million output "
-        f"tokens at ${result['usd_per_hour']:.2f}/h for {result['gpus_per_replica']}x "
-        f"{result['gpu']} per replica (assumes {result['cost_assumption']})"),
+        f"tokens at ${result['usd_per_hour']:.2f}/h per replica ({_split_text(result)}; "
+        f"{result['gpus_per_replica']}x {result['gpu']}) x {result['replicas']} "
+        f"(assumes {result['cost_assumption']})"),
         f"Saved       {saved}",
     ]
     gpu = result.get("gpu_actual")
@@ -480,7 +497,10 @@ def show(result: dict, saved: Path, rows: list[dict], best: dict | None, *,
                     ("#", "gpu", "$/M out tok", "out tok/s", "TTFT p99 ms", "TPOT p99 ms",
                      "targets"), wrap="targets")
     for n, row in enumerate(rows, 1):
-        compare.add_row(str(n), row["gpu"], _money(row["usd_per_million_output_tokens"]),
+        cost = _money(row["usd_per_million_output_tokens"])
+        if row.get("gpu_only_cost") and row["usd_per_million_output_tokens"] is not None:
+            cost += " (GPU only: an older run)"
+        compare.add_row(str(n), row["gpu"], cost,
                         _num(row["output_throughput"]), _num(row["ttft_p99_ms"], 0),
                         _num(row["tpot_p99_ms"], 0),
                         "[green]met[/green]" if row["meets_targets"] else

@@ -794,8 +794,21 @@ def ping_interval(scaledown_window_s: float) -> float:
 
 
 def replicas_usd_per_hour(target: Target) -> dict[str, float]:
-    """What one warm GPU replica of each target model costs per hour (the CPU router aside)."""
-    return {p.model.key: p.fit.usd_per_hour for p in target.app.pools if p.model in target.models}
+    """What one warm replica of each target model costs per hour: GPUs + CPU + memory."""
+    return {p.model.key: p.usd_per_hour for p in target.app.pools if p.model in target.models}
+
+
+def warm_usd_per_hour_split(target: Target) -> dict[str, float]:
+    """What keeping the target warm costs per hour, split: the replicas' GPUs, CPU and
+    memory, and the GPU app's CPU router (the pings keep it up too; legacy apps have none)."""
+    pools = [p for p in target.app.pools if p.model in target.models]
+    split = {"gpu": 0.0, "cpu": 0.0, "memory": 0.0, "router": 0.0}
+    for pool in pools:
+        for part, usd in pool.bill.split().items():
+            split[part] += usd
+    if target.app.kind == "gpu" and pools:
+        split["router"] = config.router_bill(pools[0].fit.billing).usd_per_hour
+    return split
 
 
 async def _keep_warm(target: Target, endpoint: Endpoint, seconds: float, interval: float,
@@ -851,7 +864,8 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
 
     woken, kept = asyncio.run(run())
     ok = all(w.ok for w in woken) and (kept is None or kept[1] == 0)
-    per_hour = round(sum(replicas_usd_per_hour(target).values()), 2)
+    split = warm_usd_per_hour_split(target)
+    per_hour = round(sum(split.values()), 2)
     # After the last ping the replicas idle for the scaledown window, billed all the same.
     usd, tail = (per_hour * s / 3600 for s in (keep_warm_s or 0, scaledown_window_s))
     if as_json:
@@ -859,7 +873,9 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
                 "models": [asdict(w) for w in woken]}
         if kept is not None:
             data["keep_warm"] = {"seconds": keep_warm_s, "interval_s": interval,
-                                 "usd_per_hour": per_hour, "pings": kept[0],
+                                 "usd_per_hour": per_hour,
+                                 "usd_per_hour_split": {k: round(v, 4) for k, v in split.items()},
+                                 "pings": kept[0],
                                  "failed_pings": kept[1], "usd": round(usd, 4),
                                  "scaledown_window_s": scaledown_window_s,
                                  "usd_scaledown_tail": round(tail, 4)}
@@ -886,10 +902,15 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
 
 def _say_keep_warm(target: Target, seconds: float, interval: float) -> None:
     costs = replicas_usd_per_hour(target)
+    split = warm_usd_per_hour_split(target)
     detail = ", ".join(f"{k} ${v:.2f}/h" for k, v in costs.items())
+    if split["router"]:
+        detail += f", the CPU router ${split['router']:.2f}/h"
+    parts = (f"${split['gpu']:.2f} GPU + ${split['cpu']:.2f} CPU + "
+             f"${split['memory']:.2f} memory" + (f" + ${split['router']:.2f} router"
+                                                 if split["router"] else ""))
     _console(stderr=True).print(
         f"Keeping {len(costs)} replica(s) warm for {seconds:g} s, a ping every {interval:g} s: "
-        f"${sum(costs.values()):.2f}/hour while it runs ({detail}; one replica per model, "
-        "the CPU router not counted), billed until the scaledown window after the last ping "
-        "has passed.",
+        f"${sum(split.values()):.2f}/hour while it runs ({detail}; one replica per model; "
+        f"{parts}), billed until the scaledown window after the last ping has passed.",
         soft_wrap=True)

@@ -25,6 +25,29 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-ra
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "fp8": 1}
 STARTER_PLAN_ENDPOINT_LIMIT = 8  # web endpoints a Modal Starter workspace may deploy
 
+# ## What vLLM 0.33 does, as its own source does it (paths under vllm/ in the wheel)
+
+# config/model.py _FLOAT16_NOT_SUPPORTED_MODELS: `--dtype float16` makes vLLM exit at
+# start for these config.json model_types ("Numerical instability").
+FLOAT16_REFUSED_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text", "glm4")
+# Architectures whose vLLM class sets `is_3d_moe_weight = True`
+# (model_executor/models/gpt_oss.py, qwen3_vl_moe.py, qwen3_5.py,
+# qwen3_omni_moe_thinker.py, interns1_pro.py; scripts/vllm_contract.py checks the list):
+# lora/model_manager.py then wraps their experts in FusedMoE3DWithLoRA (gate and up
+# fused), every other MoE in FusedMoEWithLoRA.
+FUSED_3D_MOE_ARCHITECTURES = (
+    "GptOssForCausalLM", "InternS1ProForConditionalGeneration",
+    "Qwen3OmniMoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration",
+)
+KV_BLOCK_TOKENS = 16  # config/cache.py CacheConfig.DEFAULT_BLOCK_SIZE
+KV_BYTES = 2  # KV cache dtype "auto" = the model's dtype (bf16/fp16), also with fp8 weights
+LORA_BYTES = 2  # LoRAConfig.lora_dtype "auto" = the model's (activation) dtype
+# config/vllm.py VllmConfig.max_concurrent_batches: async scheduling is on by default
+# (uniproc and multiproc executors support it), so 2 batches are in flight at once and
+# sliding-window layers keep blocks for 2 x max_num_batched_tokens (max_in_flight_tokens).
+BATCHES_IN_FLIGHT = 2
+
 
 # ## Errors: one type, shown as one line by the CLI
 
@@ -102,6 +125,18 @@ class GPU:
     def modal_string(self, count: int) -> str:
         return self.modal_gpu if count == 1 else f"{self.modal_gpu}:{count}"
 
+    @property
+    def default_max_num_batched_tokens(self) -> int:
+        """vLLM's default for its OpenAI server on this GPU (engine/arg_utils.py
+        EngineArgs.get_batch_defaults): 16384 from 160 GiB of device memory (B200), 8192
+        from 70 GiB unless an A100 (H100, H200), else 2048 (L40S, A100)."""
+        gib = self.vram_gb * 1e9 / GIB
+        if gib >= 160:
+            return 16384
+        if gib >= 70 and "a100" not in self.modal_gpu.lower():
+            return 8192
+        return 2048
+
 
 @dataclass(frozen=True, kw_only=True)
 class SlidingWindow:
@@ -115,6 +150,19 @@ class Vision:
     __pydantic_config__ = _STRICT
     images: Count = 1
     videos: Count = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoE:
+    """A mixture-of-experts MLP in every layer (config.json: num_experts, moe_intermediate_size).
+
+    Shared experts and dense layers beside the experts (DeepSeek, Qwen2-MoE) are not
+    modelled: their LoRA buffers would be missing from the fit check.
+    """
+
+    __pydantic_config__ = _STRICT
+    experts: PositiveInt
+    expert_intermediate_size: PositiveInt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +182,11 @@ class Model:
     name: str = ""  # defaults to huggingface_id
     huggingface_id: str
     revision: str | None = None
+    # config.json's `architectures[0]` and `model_type`: what vLLM picks its implementation
+    # and its checks by. Needed where they change what vLLM does: `model_type` with
+    # dtype float16, `architecture` with adapters on a MoE model.
+    architecture: str | None = None
+    model_type: str | None = None
     gated: bool = False
     params_b: Positive
     layers: PositiveInt
@@ -152,8 +205,9 @@ class Model:
     extra_args: tuple[str, ...] = ()
     adapters: tuple[Adapter, ...] = ()
     max_loras: PositiveInt | None = None  # adapters held on the GPU at once; default: all
-    hidden_size: PositiveInt | None = None  # these two size LoRA buffers (needed with adapters)
-    intermediate_size: PositiveInt | None = None  # MoE: all experts' MLP width together
+    hidden_size: PositiveInt | None = None  # sizes LoRA buffers (needed with adapters)
+    intermediate_size: PositiveInt | None = None  # dense MLP width (adapters, dense models)
+    moe: MoE | None = None  # mixture of experts: sizes the experts' LoRA buffers
 
     @property
     def lora_rank(self) -> int:
@@ -165,16 +219,36 @@ class Model:
     def loras_on_gpu(self) -> int:
         return (self.max_loras or len(self.adapters)) if self.adapters else 0
 
-    @property
-    def lora_bytes(self) -> int:
-        """GPU memory vLLM reserves for LoRA weights: A (in x r) and B (r x out), bf16,
-        for q, k, v, o, gate, up and down in every layer, for each adapter slot."""
+    def lora_bytes(self, gpus: int = 1) -> int:
+        """GPU memory vLLM allocates for LoRA slots, over all `gpus` of a replica.
+
+        As lora/layers/*.py create_lora_weights allocate them: per adapter slot
+        (--max-loras), at --max-lora-rank r, in the model's dtype, in every layer. Per GPU
+        of a tensor-parallel size t (a column-parallel layer keeps A whole and splits B,
+        a row-parallel one splits A and keeps B whole, a replicated one keeps both):
+          q, k, v (column): A 3 x r x h, B r x (q + 2 kv) / t   (kv heads: at least 1 per GPU)
+          o (row):          A r x q / t, B r x h
+          dense MLP:        gate+up (column) A 2 x r x h, B r x 2I / t; down (row)
+                            A r x I / t, B r x h
+          MoE experts:      E x r x (2h + 3I / t) fused 3-D (FusedMoE3DWithLoRA: w13 A
+                            r x h, w13 B 2I / t x r, w2 A r x I / t, w2 B h x r), or
+                            E x r x (3h + 3I / t) (FusedMoEWithLoRA: w1 and w3 A apart)
+          MoE router gate (replicated): r x (h + E)
+        Not counted: lm_head and embed_tokens, which vLLM wraps too for models whose class
+        lists them in `embedding_modules` (r x (vocab + h) per slot each, ~0.1 GB).
+        """
         if not self.adapters:
             return 0
-        hidden, mlp = self.hidden_size or 0, self.intermediate_size or 0
-        q, kv = self.attention_heads * self.head_dim, self.kv_heads * self.head_dim
-        in_plus_out = (hidden + q) * 2 + (hidden + kv) * 2 + (hidden + mlp) * 3
-        return self.loras_on_gpu * self.lora_rank * 2 * self.layers * in_plus_out
+        t, h = gpus, self.hidden_size or 0
+        kv = max(1, self.kv_heads // t) * self.head_dim  # per GPU, as QKVParallelLinear
+        per_gpu = 4 * h + 2 * self.attention_heads * self.head_dim // t + 2 * kv
+        if self.moe:
+            experts, mlp = self.moe.experts, self.moe.expert_intermediate_size
+            fused = self.architecture in FUSED_3D_MOE_ARCHITECTURES
+            per_gpu += experts * ((2 if fused else 3) * h + 3 * mlp // t) + (h + experts)
+        else:
+            per_gpu += 3 * h + 3 * (self.intermediate_size or 0) // t
+        return self.loras_on_gpu * self.lora_rank * LORA_BYTES * self.layers * per_gpu * t
 
     @property
     def aliases(self) -> list[str]:
@@ -187,14 +261,95 @@ class Model:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Billing:
+    """Modal's rates for CPU and memory (models.yaml `billing:`, with when and where they
+    were read). Without the section, these figures, as models.yaml records them."""
+
+    __pydantic_config__ = _STRICT
+    cpu_core_usd_per_hour: NonNegative = 0.04716  # $0.0000131 per physical core per second
+    memory_gib_usd_per_hour: NonNegative = 0.007992  # $0.00000222 per GiB per second
+    read_on: str = "2026-06-27"
+    source: str = "https://www.beam.cloud/blog/modal-pricing-explained"
+
+
+@dataclass(frozen=True, kw_only=True)
 class MatrixFile:
     __pydantic_config__ = _STRICT
     defaults: Defaults
     gpus: dict[str, GPU]
     models: dict[str, Model]
+    billing: Billing = Billing()
 
 
-# ## Fit check: weights + KV cache at max_model_len + overhead against VRAM
+# ## Modal's bill: GPUs, and the CPU cores and memory each container reserves
+#
+# Modal bills CPU and memory on GPU containers too, at the greater of reservation and
+# use; unasked, a container reserves 0.125 core and 128 MiB (modal.com/docs/guide/resources).
+# vLLM uses far more than that, so the pools reserve what vLLM needs (a reservation also
+# guarantees it: above it the host may throttle CPU and reclaim memory) and the prices
+# count it. The sizes, for `vllm serve` 0.33 in one container:
+POOL_CPU_CORES = 2.0  # the API server (HTTP, tokenizing, detokenizing) and the engine core
+#                       (the scheduler's loop, busy while requests run): a core each
+POOL_CPU_CORES_PER_GPU = 1.0  # one worker process per GPU launches its kernels; with
+#                               --enforce-eager every step is Python on the CPU
+POOL_CPU_CORES_VISION = 1.0  # decoding and resizing images (the HF image processor runs
+#                              in the API server) for models with `vision`
+POOL_MEMORY_GIB = 8  # API server + engine core: each imports torch, transformers and vLLM
+#                      (~2 GiB each), the tokenizer, request bodies in flight (up to 32 x 32 MiB)
+POOL_MEMORY_GIB_PER_GPU = 6  # a worker per GPU: torch, CUDA's host-side context, NCCL,
+#                              pinned staging buffers while the weights load (safetensors
+#                              shards stream from the Volume through the page cache, which
+#                              the kernel reclaims: not reserved)
+# A GPU-snapshot pool also reserves its whole weights (and LoRA slots): `POST /sleep?level=1`
+# moves them to host memory before Modal snapshots it (vllm/device_allocator/
+# sleep_mode_backend.py: level 1 offloads the "weights" tag to host RAM).
+ROUTER_CPU_CORES = 1.0  # the GPU apps' CPU router only relays bytes: one core is plenty
+ROUTER_MEMORY_MIB = 1024  # room for 32 MiB request bodies in flight
+
+
+@dataclass(frozen=True)
+class Bill:
+    """What one running container reserves and costs per hour on Modal."""
+
+    gpu_usd_per_hour: float
+    cpu_cores: float
+    memory_mib: int
+    billing: Billing
+
+    @property
+    def cpu_usd_per_hour(self) -> float:
+        return self.cpu_cores * self.billing.cpu_core_usd_per_hour
+
+    @property
+    def memory_usd_per_hour(self) -> float:
+        return self.memory_mib / 1024 * self.billing.memory_gib_usd_per_hour
+
+    @property
+    def usd_per_hour(self) -> float:
+        return self.gpu_usd_per_hour + self.cpu_usd_per_hour + self.memory_usd_per_hour
+
+    def split(self) -> dict[str, float]:
+        """GPU, CPU and memory $/hour (their sum is `usd_per_hour`)."""
+        return {"gpu": self.gpu_usd_per_hour, "cpu": self.cpu_usd_per_hour,
+                "memory": self.memory_usd_per_hour}
+
+
+def pool_reservation(model: Model, count: int, *, snapshot: bool) -> tuple[float, int]:
+    """CPU cores and memory (MiB) a model's GPU container reserves on `count` GPUs."""
+    cores = POOL_CPU_CORES + POOL_CPU_CORES_PER_GPU * count
+    cores += POOL_CPU_CORES_VISION if model.vision else 0.0
+    mib = (POOL_MEMORY_GIB + POOL_MEMORY_GIB_PER_GPU * count) * 1024
+    if snapshot:
+        mib += math.ceil((model.weight_bytes + model.lora_bytes(count)) / 2**20)
+    return cores, mib
+
+
+def router_bill(billing: Billing) -> Bill:
+    """The CPU router of a GPU app: one per app, up while any request comes."""
+    return Bill(0.0, ROUTER_CPU_CORES, ROUTER_MEMORY_MIB, billing)
+
+
+# ## Fit check: weights + LoRA slots + overhead + the KV cache vLLM reserves, against VRAM
 
 
 @dataclass(frozen=True)
@@ -205,64 +360,131 @@ class Fit:
     gpu: GPU
     fits: bool
     count: int  # GPUs per replica (= --tensor-parallel-size); 0 when it does not fit
-    need_gib: float  # weights + one max-length sequence's KV cache + overhead, all GPUs
+    need_gib: float  # weights + LoRA + overhead + one max-length request's KV, all GPUs
     budget_gib: float  # VRAM x gpu_memory_utilization, all GPUs
-    kv_tokens: int  # tokens of KV cache that fit beside the weights (vLLM's "KV cache size")
+    kv_tokens: int  # vLLM's "KV cache size: N tokens" (its max concurrency x max_model_len)
     reason: str = ""
+    billing: Billing = Billing()
 
     @property
     def gpu_string(self) -> str:
         return self.gpu.modal_string(self.count) if self.fits else ""
 
+    def bill(self, *, snapshot: bool | None = None) -> Bill:
+        """One replica's reservation and $/hour. A GPU app's pool snapshots a model with
+        `snapshot: true` on one GPU; pass snapshot=False for a legacy app's container."""
+        if not self.fits:
+            return Bill(0.0, 0.0, 0, self.billing)
+        if snapshot is None:
+            snapshot = self.model.snapshot and self.count == 1
+        cores, mib = pool_reservation(self.model, self.count, snapshot=snapshot)
+        return Bill(self.gpu.usd_per_hour * self.count, cores, mib, self.billing)
+
     @property
     def usd_per_hour(self) -> float:
-        """What one running replica of this cell costs per hour."""
-        return self.gpu.usd_per_hour * self.count
+        """What one running replica of this cell costs per hour: GPUs + CPU + memory."""
+        return self.bill().usd_per_hour
+
+    @property
+    def usd_per_hour_split(self) -> dict[str, float]:
+        """The same, split: {"gpu": ..., "cpu": ..., "memory": ...}."""
+        return self.bill().split()
 
 
-def kv_bytes_per_token(model: Model) -> int:
-    """KV bytes each token costs in full-attention layers (K and V, 2 bytes each in bf16)."""
-    full_layers = model.layers - (model.sliding_window.layers if model.sliding_window else 0)
-    return 2 * full_layers * model.kv_heads * model.head_dim * 2
+def max_num_batched_tokens(model: Model, gpu: GPU) -> int:
+    """The per-step token budget vLLM runs with: the model's --max-num-batched-tokens in
+    extra_args, else vLLM's default for that GPU."""
+    args = list(model.extra_args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--max-num-batched-tokens="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--max-num-batched-tokens" and i + 1 < len(args):
+            return int(args[i + 1])
+    return gpu.default_max_num_batched_tokens
 
 
-def sliding_kv_bytes(model: Model) -> int:
-    """KV bytes of the sliding-window layers for one sequence: capped by the window."""
+@dataclass(frozen=True)
+class KVLayout:
+    """vLLM's KV cache for one model on each GPU of a replica (v1/core/kv_cache_planning.py).
+
+    Layers of one attention type share a block table; a hybrid model's layers are cut
+    into groups of equal size (the smaller type's layer count, or the larger's when it is
+    under 1.5 times the smaller), the last group of a type padded. All groups draw blocks
+    from one pool, each block holding `group_size` layers' pages.
+    """
+
+    page_bytes: int  # one layer's block on one GPU: 16 tokens x K and V x kv heads x dim x 2
+    group_size: int
+    full_groups: int
+    sliding_groups: int
+    full_blocks: int  # one max_model_len request, per full-attention group
+    sliding_blocks: int  # the same per sliding-window group (0 without sliding layers)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.group_size * self.page_bytes
+
+    @property
+    def blocks_per_request(self) -> int:
+        return self.full_groups * self.full_blocks + self.sliding_groups * self.sliding_blocks
+
+
+def kv_layout(model: Model, gpu: GPU, count: int) -> KVLayout:
+    """A request at max_model_len takes cdiv(max_model_len, 16) blocks in a full-attention
+    group (FullAttentionSpec.max_memory_usage_bytes) and, in a sliding-window group,
+    cdiv(min(window - 1 + tokens in flight, max_model_len), 16) + 1
+    (SlidingWindowSpec.max_admission_blocks_per_request: the window's last tokens stay
+    while in-flight steps finish; +1 as a window need not start on a block boundary),
+    where tokens in flight = 2 batches x max_num_batched_tokens (VllmConfig.max_in_flight_tokens).
+    """
+    kv_heads = max(1, model.kv_heads // count)  # per GPU; replicated when t > kv heads
+    page = KV_BLOCK_TOKENS * 2 * kv_heads * model.head_dim * KV_BYTES
+    length = model.max_model_len
+    full_blocks = -(-length // KV_BLOCK_TOKENS)
     if not model.sliding_window:
-        return 0
-    window = min(model.sliding_window.window, model.max_model_len)
-    return 2 * model.sliding_window.layers * model.kv_heads * model.head_dim * 2 * window
+        return KVLayout(page, model.layers, 1, 0, full_blocks, 0)
+    sliding = model.sliding_window.layers
+    full = model.layers - sliding
+    small, large = min(full, sliding), max(full, sliding)
+    group = large if large < small * 1.5 else small
+    in_flight = BATCHES_IN_FLIGHT * max_num_batched_tokens(model, gpu)
+    kept = min(model.sliding_window.window - 1 + in_flight, length)
+    sliding_blocks = -(-kept // KV_BLOCK_TOKENS) + 1
+    return KVLayout(page, group, -(-full // group), -(-sliding // group), full_blocks,
+                    sliding_blocks)
 
 
-def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults) -> Fit:
+def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults, billing: Billing = Billing()) -> Fit:
     """The smallest tensor-parallel size (1, 2, 4, 8) whose GPUs hold the model.
 
-    Per replica of `count` GPUs, with GB = 1e9 bytes:
-      budget = vram_gb x 1e9 x gpu_memory_utilization x count
-      need   = params_b x 1e9 x bytes per parameter (2 for bf16/fp16, 1 for fp8)
-             + sliding-window KV: 2 (K, V) x sliding layers x kv_heads x head_dim x 2 bytes
-               x min(window, max_model_len)  (one sequence; those layers keep only the window)
-             + overhead_gib_per_gpu x 2**30 x count
-             + full-attention KV: 2 x (layers - sliding layers) x kv_heads x head_dim x 2 bytes
-               x max_model_len
-             + LoRA slots, with adapters (Model.lora_bytes): max_loras x max rank x 2 bytes
-               x layers x (in + out of q, k, v, o, gate, up, down)
+    Per GPU of a replica of `count` GPUs, with GB = 1e9 bytes, as vLLM 0.33 checks at start
+    (v1/core/kv_cache_planning.py get_kv_cache_configs):
+      budget    = vram_gb x 1e9 x gpu_memory_utilization
+      weights   = params_b x 1e9 x bytes per parameter (2 for bf16/fp16, 1 for fp8) / count
+      LoRA      = Model.lora_bytes(count) / count (adapter slots, with adapters)
+      overhead  = overhead_gib_per_gpu x 2**30 (activations, CUDA context, NCCL buffers)
+      KV        = bytes per block x (blocks one max_model_len request takes + 1 null block)
+                  (KVLayout: full-attention and sliding-window groups as vLLM forms them)
+      fits when weights + LoRA + overhead + KV <= budget
     A size is tried only if it divides the attention heads (vLLM splits heads over GPUs).
-    kv_tokens = (budget - weights - sliding KV - overhead) // full-attention KV bytes per token.
+    kv_tokens, as vLLM reports its KV cache size: blocks = (budget - weights - LoRA -
+    overhead) // bytes per block; kv_tokens = int(blocks / blocks per request x max_model_len).
     """
     per_gpu_budget = gpu.vram_gb * 1e9 * defaults.gpu_memory_utilization
-    fixed = model.weight_bytes + sliding_kv_bytes(model) + model.lora_bytes
-    per_token = kv_bytes_per_token(model)
+    overhead = defaults.overhead_gib_per_gpu * GIB
     sizes = [c for c in TENSOR_PARALLEL_SIZES if c <= gpu.max_count]
     usable = [c for c in sizes if model.attention_heads % c == 0]
     need = 0.0
     for count in usable:
-        budget = per_gpu_budget * count
-        overhead = defaults.overhead_gib_per_gpu * GIB * count
-        need = fixed + overhead + per_token * model.max_model_len
-        if need <= budget:
-            kv_tokens = int((budget - fixed - overhead) // per_token)
-            return Fit(model, gpu, True, count, need / GIB, budget / GIB, kv_tokens)
+        layout = kv_layout(model, gpu, count)
+        fixed = (model.weight_bytes + model.lora_bytes(count)) / count + overhead
+        need = fixed + layout.bytes_per_block * (layout.blocks_per_request + 1)
+        if need <= per_gpu_budget:
+            blocks = int((per_gpu_budget - fixed) // layout.bytes_per_block)
+            kv_tokens = int(blocks / layout.blocks_per_request * model.max_model_len)
+            return Fit(model, gpu, True, count, need * count / GIB,
+                       per_gpu_budget * count / GIB, kv_tokens, billing=billing)
+        need *= count
     largest = usable[-1]  # 1 always divides
     reason = (
         f"needs {need / GIB:.1f} GiB at max_model_len {model.max_model_len}, more than "
@@ -271,7 +493,8 @@ def fit_on_gpu(model: Model, gpu: GPU, defaults: Defaults) -> Fit:
     if skipped := [c for c in sizes if c not in usable]:
         reason += (f" (tensor-parallel size {' or '.join(map(str, skipped))} does not divide "
                    f"its {model.attention_heads} attention heads)")
-    return Fit(model, gpu, False, 0, need / GIB, per_gpu_budget * largest / GIB, 0, reason)
+    return Fit(model, gpu, False, 0, need / GIB, per_gpu_budget * largest / GIB, 0, reason,
+               billing=billing)
 
 
 # ## The matrix and its names
@@ -313,6 +536,12 @@ class Matrix:
     gpus: dict[str, GPU]
     models: dict[str, Model]
     path: Path
+    billing: Billing = Billing()
+
+    @property
+    def router_bill(self) -> Bill:
+        """The CPU router each GPU app runs in front of its pools (legacy apps have none)."""
+        return router_bill(self.billing)
 
     def gpu(self, key: str) -> GPU:
         found = self.gpus.get(key.strip().lower())
@@ -330,8 +559,9 @@ class Matrix:
 
     def fit(self, model: Model, gpu: GPU) -> Fit:
         if model.gpus is not None and gpu.key not in model.gpus:
-            return Fit(model, gpu, False, 0, 0.0, 0.0, 0, f"{gpu.key} not in the model's gpus")
-        return fit_on_gpu(model, gpu, self.defaults)
+            return Fit(model, gpu, False, 0, 0.0, 0.0, 0, f"{gpu.key} not in the model's gpus",
+                       billing=self.billing)
+        return fit_on_gpu(model, gpu, self.defaults, self.billing)
 
     def fits_on(self, gpu: GPU) -> list[Fit]:
         """Every model's fit on one GPU type, in file order, fitting or not."""
@@ -454,6 +684,7 @@ def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
                 problems.append(f"{at}: name '{alias}' collides with model '{owner[alias]}' "
                                 "(names are matched without regard to case)")
             owner.setdefault(alias, key)
+        problems += _refused_by_vllm(at, model)
         problems += _adapter_problems(at, key, model, owner)
         for gpu_key in parsed.gpus:
             base = key.removesuffix(f"-{gpu_key}")
@@ -463,16 +694,42 @@ def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
     return problems
 
 
+def _refused_by_vllm(at: str, model: Model) -> list[str]:
+    """What vLLM 0.33 refuses at start, found before anything is deployed."""
+    if model.dtype != "float16":
+        return []
+    if model.model_type is None:
+        refused = ", ".join(FLOAT16_REFUSED_MODEL_TYPES)
+        return [(f"{at}.model_type: required with dtype float16 (config.json's model_type: "
+                 f"vLLM 0.33 refuses float16 for {refused})")]
+    if model.model_type in FLOAT16_REFUSED_MODEL_TYPES:
+        return [(f"{at}.dtype: vLLM 0.33 refuses float16 for model_type {model.model_type} "
+                 "(numerical instability) and would exit at start; use bfloat16")]
+    return []
+
+
 def _adapter_problems(at: str, key: str, model: Model, owner: dict[str, str]) -> list[str]:
     """Adapter names share the model namespace: a request's `model` may name either."""
     problems = []
     name_pattern = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    if model.adapters and not (model.hidden_size and model.intermediate_size):
-        problems.append(f"{at}: hidden_size and intermediate_size are required with adapters "
-                        "(they size vLLM's LoRA buffers in the fit check)")
+    if model.adapters:
+        needs = [] if model.hidden_size else ["hidden_size"]
+        if model.moe and not model.architecture:
+            needs.append("architecture")  # decides vLLM's fused 3-D or 2-D experts layout
+        if not model.moe and not model.intermediate_size:
+            needs.append("intermediate_size (or moe)")
+        if needs:
+            problems.append(f"{at}: {' and '.join(needs)} required with adapters (they size "
+                            "vLLM's LoRA buffers in the fit check)")
     for i, adapter in enumerate(model.adapters):
         here = f"{at}.adapters.{i}"
-        if not name_pattern.match(adapter.name):
+        # entrypoints/common/cli_args.py LoRAParserAction: a --lora-modules value with a
+        # comma is read as JSON, which `name=path` is not: vLLM exits at start.
+        for field in ("name", "path"):
+            if "," in getattr(adapter, field):
+                problems.append(f"{here}.{field}: '{getattr(adapter, field)}' contains ',', "
+                                "which makes vLLM's --lora-modules read it as JSON and exit")
+        if "," not in adapter.name and not name_pattern.match(adapter.name):
             problems.append(f"{here}.name: '{adapter.name}' must be letters, digits, '.', '_' "
                             "and '-' (no ':', '=' or '/')")
         if adapter.rank > LORA_RANKS[-1]:
@@ -524,7 +781,7 @@ def _validate(path: Path, text: str) -> Matrix:
         k: dataclasses.replace(m, key=k, name=m.name or m.huggingface_id)
         for k, m in parsed.models.items()
     }
-    return Matrix(parsed.defaults, gpus, models, path)
+    return Matrix(parsed.defaults, gpus, models, path, parsed.billing)
 
 
 def _cache_key(data: bytes) -> bytes:

@@ -115,7 +115,20 @@ def matrix_data(matrix: config.Matrix) -> dict:
             "legacy": len(legacy),
             "starter_plan_limit": limit,
         },
+        "billing": _billing_data(matrix),
     }
+
+
+def _billing_data(matrix: config.Matrix) -> dict:
+    b, router = matrix.billing, matrix.router_bill
+    return {"cpu_core_usd_per_hour": b.cpu_core_usd_per_hour,
+            "memory_gib_usd_per_hour": b.memory_gib_usd_per_hour,
+            "read_on": b.read_on, "source": b.source,
+            "router_usd_per_hour": round(router.usd_per_hour, 4)}
+
+
+def _split(bill: config.Bill) -> dict:
+    return {k: round(v, 4) for k, v in bill.split().items()}
 
 
 def _cell_data(fit: config.Fit) -> dict:
@@ -129,7 +142,10 @@ def _cell_data(fit: config.Fit) -> dict:
         "kv_cache_tokens": fit.kv_tokens,
         "need_gib": round(fit.need_gib, 1),
         "budget_gib": round(fit.budget_gib, 1),
-        "usd_per_hour": round(fit.usd_per_hour, 2),
+        "usd_per_hour": round(fit.usd_per_hour, 2),  # GPUs + CPU + memory, per replica
+        "usd_per_hour_split": _split(fit.bill()),
+        "cpu_cores": fit.bill().cpu_cores,
+        "memory_mib": fit.bill().memory_mib,
         "legacy_app": config.legacy_app_name(fit.model.key, fit.gpu.key),
     }
 
@@ -160,6 +176,7 @@ def show_matrix(matrix: config.Matrix) -> None:
     console.print(table)
     console.print("Each cell: GPUs per replica (tensor parallel) and $/hour per running "
                   "replica; tokens of KV cache that fit beside the weights.")
+    console.print(_price_note(matrix), soft_wrap=True)
     for key, model in data["models"].items():
         for gpu_key, cell in model["cells"].items():
             if not cell["fits"]:
@@ -182,6 +199,28 @@ def show_matrix(matrix: config.Matrix) -> None:
                   f"{config.legacy_app_name(next(iter(matrix.models)), next(iter(matrix.gpus)))}")
 
 
+def _price_note(matrix: config.Matrix) -> str:
+    """How a cell's price is made, with the first cell that fits as the example."""
+    b = matrix.billing
+    example = next((f for f in (matrix.fit(m, g) for m in matrix.models.values()
+                                for g in matrix.gpus.values()) if f.fits), None)
+    note = (f"$/hour = GPUs + the CPU and memory each replica reserves (Modal bills both; "
+            f"${b.cpu_core_usd_per_hour:g}/core, ${b.memory_gib_usd_per_hour:g}/GiB per hour, "
+            f"read {b.read_on})")
+    if example is None:
+        return note + "."
+    bill = example.bill()
+    return note + (f", e.g. {example.model.key} on {example.gpu.key}: "
+                   f"{_bill_text(bill)}. GPU apps add ${matrix.router_bill.usd_per_hour:.2f}/h "
+                   "for their CPU router while up.")
+
+
+def _bill_text(bill: config.Bill) -> str:
+    return (f"${bill.gpu_usd_per_hour:.2f} GPU + ${bill.cpu_usd_per_hour:.2f} CPU "
+            f"({bill.cpu_cores:g} cores) + ${bill.memory_usd_per_hour:.2f} memory "
+            f"({bill.memory_mib / 1024:g} GiB)")
+
+
 # ## --dry-run
 
 
@@ -200,6 +239,9 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
             or dict(plan.VOLUMES),
             "vllm_version": defaults.vllm_version,
             "timeouts": _timeouts(app, defaults),
+            # GPU apps run a CPU router in front of their pools; legacy apps have none.
+            "router_usd_per_hour": (round(matrix.router_bill.usd_per_hour, 4)
+                                    if app.kind == "gpu" else 0.0),
             "pools": [
                 {
                     "model": p.model.key,
@@ -213,7 +255,10 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
                     "scaledown_window_seconds": defaults.scaledown_window_seconds,
                     "max_concurrent_inputs": defaults.max_concurrent_inputs,
                     "max_replicas": defaults.max_replicas,
-                    "usd_per_hour_per_replica": round(p.fit.usd_per_hour, 2),
+                    "usd_per_hour_per_replica": round(p.usd_per_hour, 2),
+                    "usd_per_hour_split": _split(p.bill),
+                    "cpu_cores": p.bill.cpu_cores,
+                    "memory_mib": p.bill.memory_mib,
                     "usd_per_idle_tail": round(p.idle_tail_usd(defaults), 2),
                 }
                 for p in app.pools
@@ -259,6 +304,10 @@ def show_plan(matrix: config.Matrix, apps) -> None:
                          "as a wait for a GPU is in neither)")
         else:
             lines.append(f"  timeouts   {pools}")
+        if app["router_usd_per_hour"]:
+            lines.append(f"  router     ${app['router_usd_per_hour']:.2f}/h while up "
+                         f"({config.ROUTER_CPU_CORES:g} core, "
+                         f"{config.ROUTER_MEMORY_MIB / 1024:g} GiB; it scales to zero too)")
         for pool in app["pools"]:
             lines += [
                 (f"  [bold]{pool['model']}[/bold] ({escape(pool['served_name'])}) on "
@@ -266,6 +315,9 @@ def show_plan(matrix: config.Matrix, apps) -> None:
                 (f"    cost     ${pool['usd_per_hour_per_replica']:.2f}/h per running replica; "
                  f"idle it scales to zero after {minutes:g} min "
                  f"(each idle tail ≈ ${pool['usd_per_idle_tail']:.2f})"),
+                (f"    reserves {pool['cpu_cores']:g} CPU cores, "
+                 f"{pool['memory_mib'] / 1024:g} GiB memory: "
+                 + _split_text(pool["usd_per_hour_split"])),
                 (f"    scaling  0 to {pool['max_replicas']} replicas, "
                  f"{pool['max_concurrent_inputs']} requests each"),
                 f"    secrets  {', '.join(pool['secrets']) or 'none'}",
@@ -280,6 +332,11 @@ def show_plan(matrix: config.Matrix, apps) -> None:
     console.print(f"Dry run: {len(apps)} app(s), nothing deployed. "
                   "Without --dry-run this needs a Modal token (uv run modal token new).",
                   soft_wrap=True)
+
+
+def _split_text(split: dict) -> str:
+    return (f"${split['gpu']:.2f} GPU + ${split['cpu']:.2f} CPU + "
+            f"${split['memory']:.2f} memory per hour")
 
 
 # ## --serve-local

@@ -53,7 +53,7 @@ def engine_argv(fit: config.Fit, defaults: config.Defaults, *, port: int = PORT,
                  "--max-loras", str(model.loras_on_gpu), "--lora-modules",
                  *(f"{a.name}={ADAPTERS_MOUNT}/{a.path}" for a in model.adapters)]
     if defaults.fast_boot:
-        argv += ["--enforce-eager"]  # no CUDA-graph capture: a faster cold start
+        argv += ["--enforce-eager"]  # no torch.compile, no CUDA graphs: a faster cold start
     if sleep_mode:
         argv += ["--enable-sleep-mode"]  # lets a GPU snapshot hold weights, not a busy engine
     argv += list(model.extra_args)

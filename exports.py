@@ -72,8 +72,10 @@ def litellm_config(matrix: config.Matrix, *, workspace: str | None = None) -> di
 
     `<model>-<gpu>` (e.g. gemma-3-12b-h100) goes to that GPU's endpoint. `<model>` alone
     (e.g. gemma-3-12b) is a group of one deployment per GPU serving it, each with
-    LiteLLM's `order`: the cheapest $/hour per replica first, equal prices load-balanced,
-    and on failure LiteLLM falls back to the next order. The key is `os.environ/...`.
+    LiteLLM's `order`: the cheapest $/hour per replica first (its GPUs plus the CPU and
+    memory it reserves: `config.Fit.usd_per_hour`, what Modal bills), equal prices (to the
+    cent) load-balanced, and on failure LiteLLM falls back to the next order. The key is
+    `os.environ/...`.
     """
     envs = _env_names(matrix)
     site = check_workspace(workspace) if workspace else None
@@ -123,7 +125,8 @@ def litellm_config_text(matrix: config.Matrix, *, workspace: str | None = None) 
         f"# LiteLLM proxy config generated from {matrix.path.name}: do not edit, regenerate it",
         "# with `uv run deploy.py --litellm-config` (tests check the two never drift).",
         "# <model>-<gpu> is one GPU app; <model> alone routes to the cheapest GPU serving it",
-        "# ($/hour per replica; LiteLLM's `order`) and falls back to the next on failure.",
+        "# ($/hour per replica: GPUs + CPU + memory; LiteLLM's `order`) and falls back to the",
+        "# next on failure.",
         f"# Reads {where},",
         f"# the gateway key from {API_KEY_ENV}, and the proxy's own key from {MASTER_KEY_ENV}.",
     ]

@@ -320,6 +320,10 @@ def gpu_class_options(pool: plan.Pool, defaults: config.Defaults, image: modal.I
     options = {
         "image": image,
         "gpu": pool.fit.gpu_string,  # which GPUs, and how many (the fit check decides)
+        # CPU cores and memory (MiB) for vLLM's processes (config.pool_reservation says
+        # why): Modal bills max(reservation, use) and guarantees only the reservation.
+        "cpu": pool.bill.cpu_cores,
+        "memory": pool.bill.memory_mib,
         "volumes": volumes(pool),  # where weights, compile caches and adapters persist
         "secrets": secrets(pool.secrets),  # HF_TOKEN for gated models
         "scaledown_window": defaults.scaledown_window_seconds,  # idle how long before stopping?

@@ -53,9 +53,19 @@ class Pool:
             return dict(VOLUMES)
         return {**VOLUMES, engine.ADAPTERS_MOUNT: ADAPTERS_VOLUME}
 
+    @property
+    def bill(self) -> config.Bill:
+        """One replica's GPUs, CPU and memory reservation, and what they cost per hour."""
+        return self.fit.bill(snapshot=self.snapshot)
+
+    @property
+    def usd_per_hour(self) -> float:
+        """One running replica: GPUs + CPU + memory (Modal bills all three)."""
+        return self.bill.usd_per_hour
+
     def idle_tail_usd(self, defaults: config.Defaults) -> float:
         """What the scaledown window costs after each burst of use: a replica idling."""
-        return self.fit.usd_per_hour * defaults.scaledown_window_seconds / 3600
+        return self.usd_per_hour * defaults.scaledown_window_seconds / 3600
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,8 @@ def build(matrix: config.Matrix, gpu_key: str) -> gpu_pool.Built:
     router = app.function(
         image=gpu_pool.router_image(matrix, env, (MODULE,)),
         secrets=gpu_pool.secrets([plan.API_KEY_SECRET]),  # API_KEY for bearer auth
-        cpu=1.0,  # the router relays bytes; one core is plenty
-        memory=1024,  # MiB; room for 32 MiB request bodies in flight
+        cpu=config.ROUTER_CPU_CORES,  # the router relays bytes; one core is plenty
+        memory=config.ROUTER_MEMORY_MIB,  # room for 32 MiB request bodies in flight
         scaledown_window=defaults.scaledown_window_seconds,  # stay up as long as the pools
         # Its clock runs while a pool queues for a GPU and starts, which the pools' own
         # timeouts do not count: it waits startup + request (plan.Timeouts), capped at 24 h.

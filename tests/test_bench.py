@@ -108,10 +108,14 @@ def test_the_cost_counts_the_replicas_the_load_needs(matrix, concurrency, replic
     settings = bench.Settings(concurrency=concurrency)
     metrics = {"output_throughput": 1000.0}
     result = bench.build_result(target, matrix.models["gemma-3-27b"], settings, metrics, 0.0, "")
+    # gemma-3-27b needs two L40S per replica ($3.90/h), and the replica reserves 5 cores
+    # (5 x $0.04716 = $0.2358/h) and 20 GiB (20 x $0.007992 = $0.15984/h): $4.29564/h in all.
     assert (result["replicas"], result["gpus_per_replica"], result["usd_per_hour"]) == (
-        replicas, 2, 3.9)  # gemma-3-27b needs two L40S per replica
+        replicas, 2, 4.2956)
+    assert result["usd_per_hour_split"] == {"gpu": 3.9, "cpu": 0.2358, "memory": 0.1598}
+    # 1000 tokens/s is 3.6M tokens an hour, per replica's hour.
     assert result["usd_per_million_output_tokens"] == approx(
-        round(replicas * 3.9 / 3.6, 4))
+        round(replicas * 4.29564 / 3.6, 4))
 
 
 def test_prompts_have_the_asked_length_and_differ_per_request():
@@ -134,6 +138,15 @@ def saved_run(gpu, cost, *, ttft_p99=100.0, tpot_p99=20.0, failed=0, started="20
 
 RUNS = [saved_run("l40s", 2.17, ttft_p99=900), saved_run("h100", 1.10, ttft_p99=300),
         saved_run("b200", 1.50, ttft_p99=100), saved_run("a100", 0.90, failed=2)]
+
+
+def test_runs_saved_before_cpu_and_memory_were_counted_are_marked():
+    # Such a run's $ per million tokens priced the GPUs only: ~7 % low against a new one.
+    old = saved_run("h100", 1.10)
+    new = {**saved_run("a100", 0.90), "usd_per_hour_split": {"gpu": 2.5, "cpu": 0.19,
+                                                              "memory": 0.11}}
+    rows = bench.rank([old, new])
+    assert [(r["gpu"], r["gpu_only_cost"]) for r in rows] == [("a100", False), ("h100", True)]
 
 
 def test_runs_rank_by_cost_and_failed_runs_never_win():
@@ -241,6 +254,8 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
         # A cheaper (made-up) run on L40S under the same load, then a second run in table form.
         cheaper = {**out["result"], "gpu": "l40s", "usd_per_million_output_tokens": 0.01}
         (tmp_path / "l40s.json").write_text(json.dumps(cheaper))
+        older = {k: v for k, v in out["result"].items() if k != "usd_per_hour_split"}
+        (tmp_path / "b200.json").write_text(json.dumps({**older, "gpu": "b200"}))
         table = run_bench(url, tmp_path, "--max-ttft-ms", "60000")
     r = out["result"]
     m = r["metrics"]
@@ -259,10 +274,12 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
     assert m["tpot_ms"]["mean"] == approx(per_token, abs=0.01)
     assert m["itl_ms"]["mean"] == approx(per_token, abs=0.01)
     assert m["output_throughput"] == approx(48 / m["duration_s"], rel=1e-3)
-    assert r["usd_per_hour"] == 3.95 and r["gpus_per_replica"] == 1 and r["gpu"] == "h100"
+    # One H100 ($3.95/h) + 4 cores ($0.18864/h) + 14 GiB ($0.111888/h) = $4.250528/h.
+    assert r["usd_per_hour"] == 4.2505 and r["gpus_per_replica"] == 1 and r["gpu"] == "h100"
+    assert r["usd_per_hour_split"] == {"gpu": 3.95, "cpu": 0.1886, "memory": 0.1119}
     assert r["replicas"] == 1  # 4 requests in flight, 32 per replica
     assert r["usd_per_million_output_tokens"] == approx(
-        3.95 / (m["output_throughput"] * 3600) * 1e6, rel=1e-3)
+        4.250528 / (m["output_throughput"] * 3600) * 1e6, rel=1e-3)
     assert r["cost_assumption"].startswith(
         "1 replica(s) for 4 requests in flight (32 per replica, at most 4), each busy for the "
         "run's wall time")
@@ -272,9 +289,10 @@ def test_a_streaming_run_is_measured_saved_and_ranked(matrix, tmp_path):
     assert table.exit_code == 0, table.output
     text = " ".join(table.stdout.split())
     assert "Requests 8 completed, 0 failed" in text
-    assert "per million output tokens at $3.95/h for 1x h100 per replica (assumes 1 replica(s)" \
-        in text
+    assert ("per million output tokens at $4.25/h per replica ($3.95 GPU + $0.19 CPU + $0.11 "
+            "memory; 1x h100) x 1 (assumes 1 replica(s)") in text
     assert "Cheapest meeting the targets: l40s at $0.01 per million output tokens." in text
+    assert "(GPU only: an older run)" in text  # the b200 run saved without the split
     assert KEY not in table.output
     assert len(list(tmp_path.glob("gemma-3-12b-h100-*.json"))) == 2
 

@@ -271,11 +271,15 @@ def test_warm_wakes_every_model_and_keeps_them_warm_with_the_hourly_cost(matrix,
     assert all(w["ok"] and w["ready_after_s"] >= 0.8 and w["attempts"] > 1
                for w in report["models"])
     kept = report["keep_warm"]
-    assert kept["interval_s"] == 1.0 and kept["usd_per_hour"] == 11.85  # 3 x one H100
-    assert kept["usd"] == round(11.85 * 3 / 3600, 4)
+    # 3 replicas of one H100 each ($3.95 + 4 cores x $0.04716 + 14 GiB x $0.007992 =
+    # $4.250528/h) and the app's CPU router (1 core + 1 GiB = $0.055152/h): $12.806736/h.
+    assert kept["interval_s"] == 1.0 and kept["usd_per_hour"] == 12.81
+    assert kept["usd_per_hour_split"] == {"gpu": 11.85, "cpu": 0.5659, "memory": 0.3357,
+                                          "router": 0.0552}
+    assert kept["usd"] == round(12.81 * 3 / 3600, 4)
     # The replicas stay up (and billed) for the scaledown window after the last ping.
     assert kept["scaledown_window_s"] == 3 and kept["usd_scaledown_tail"] == round(
-        11.85 * 3 / 3600, 4)
+        12.81 * 3 / 3600, 4)
     assert kept["failed_pings"] == 0 and kept["pings"] == 2 * 3  # rounds at 1 s and 2 s
     pings = [r for r in upstream.received if r["path"] == "/v1/completions"
              and r["body"]["max_tokens"] == 1]
@@ -288,11 +292,12 @@ def test_warm_prints_each_models_readiness_and_what_warm_replicas_cost(matrix):
                      "--keep-warm", "1s")
     assert result.exit_code == 0, result.output
     assert "gemma-3-27b │ ready" in result.stdout
-    # Two L40S per replica for gemma-3-27b: 2 x $1.95/h.
-    assert "$3.90/hour while it runs (gemma-3-27b $3.90/h; one replica per model" in \
-        " ".join(result.stderr.split())
-    # 900 s of scaledown after the last ping at $3.90/h: $0.975.
-    assert ("Kept warm for 1 s: 0 pings, 0 failed; about $0.00 at $3.90/hour, plus up to $0.97 "
+    # Two L40S per replica for gemma-3-27b (2 x $1.95/h), 5 cores (x $0.04716) and 20 GiB
+    # (x $0.007992) reserved: $4.29564/h. A legacy app has no router.
+    assert ("$4.30/hour while it runs (gemma-3-27b $4.30/h; one replica per model; $3.90 GPU "
+            "+ $0.24 CPU + $0.16 memory)") in " ".join(result.stderr.split())
+    # 900 s of scaledown after the last ping at $4.30/h: $1.075.
+    assert ("Kept warm for 1 s: 0 pings, 0 failed; about $0.00 at $4.30/hour, plus up to $1.07 "
             "while the replicas idle out the 900 s scaledown window.") in result.stdout
 
 
@@ -468,3 +473,16 @@ def test_each_adapter_gets_a_completion(tmp_path, serves_math):
             and isinstance(b["body"], dict)} >= {"python"}
     if not serves_math:
         assert "404" in reasons(report, "adapter.math")[0]
+
+
+def test_keeping_a_gpu_app_warm_counts_its_router(matrix, capsys):
+    import plan
+
+    target = checks.resolve_target(matrix, plan.gpu_app(matrix, "h100"), test_model="gemma-3-12b",
+                                   base_url="http://x", api_key=None, deadline_s=None)
+    checks._say_keep_warm(target, 7200, 300)
+    text = " ".join(capsys.readouterr().err.split())
+    # One H100 replica ($4.250528/h) and the router ($0.055152/h) the pings go through.
+    assert ("Keeping 1 replica(s) warm for 7200 s, a ping every 300 s: $4.31/hour while it runs "
+            "(gemma-3-12b $4.25/h, the CPU router $0.06/h; one replica per model; $3.95 GPU + "
+            "$0.19 CPU + $0.11 memory + $0.06 router)") in text

@@ -68,10 +68,15 @@ def test_list_shows_the_matrix_apps_and_endpoint_counts():
         assert f"vllm-{gpu}" in out, out
     for model in MODELS:
         assert model in out, out
-    # gemma-3-27b: two L40S ($3.90/h), 324k tokens of KV cache; one GPU elsewhere.
-    assert "2× $3.90/h" in out, out
-    assert "324k tok" in out, out
-    assert "1× $2.50/h" in out, out
+    # gemma-3-27b: two L40S ($3.90/h of GPUs + $0.40/h for the 5 cores and 20 GiB its
+    # replica reserves), 170k tokens of KV cache; one GPU elsewhere (test_config.py).
+    assert "2× $4.30/h" in out, out
+    assert "170k tok" in out, out
+    assert "1× $2.80/h" in out, out
+    assert ("$/hour = GPUs + the CPU and memory each replica reserves (Modal bills both; "
+            "$0.04716/core, $0.007992/GiB per hour, read 2026-06-27), e.g. gemma-3-12b on "
+            "l40s: $1.95 GPU + $0.19 CPU (4 cores) + $0.11 memory (14 GiB). GPU apps add "
+            "$0.06/h for their CPU router while up.") in " ".join(out.split()), out
     assert "does not fit" not in out, out
 
 
@@ -93,9 +98,14 @@ def test_list_json_has_every_cell_with_gpu_string_and_headroom():
     cell = data["models"]["gemma-3-27b"]["cells"]["l40s"]
     assert cell == {
         "fits": True, "gpu": "L40S:2", "gpu_count": 2, "tensor_parallel_size": 2,
-        "kv_cache_tokens": 324_479, "need_gib": 60.0, "budget_gib": 82.3,
-        "usd_per_hour": 3.9, "legacy_app": "vllm-gemma-3-27b-l40s",
+        "kv_cache_tokens": 169_958, "need_gib": 61.9, "budget_gib": 82.3,
+        "usd_per_hour": 4.3, "usd_per_hour_split": {"gpu": 3.9, "cpu": 0.2358, "memory": 0.1598},
+        "cpu_cores": 5.0, "memory_mib": 20480, "legacy_app": "vllm-gemma-3-27b-l40s",
     }
+    assert data["billing"] == {
+        "cpu_core_usd_per_hour": 0.04716, "memory_gib_usd_per_hour": 0.007992,
+        "read_on": "2026-06-27", "source": "https://www.beam.cloud/blog/modal-pricing-explained",
+        "router_usd_per_hour": 0.0552}
     assert data["apps"][0] == {"app": "vllm-l40s",
                                "url": "https://<workspace>--vllm-l40s-serve.modal.run",
                                "models": MODELS}
@@ -153,8 +163,13 @@ def test_dry_run_one_gpu_shows_app_endpoint_secrets_volumes_and_commands():
         "  gemma-3-12b (google/gemma-3-12b-it) on L40S",
         "  gemma-3-27b (google/gemma-3-27b-it) on L40S:2",
         "  qwen3-vl-30b (Qwen/Qwen3-VL-30B-A3B-Instruct) on L40S:2",
-        ("    cost     $3.90/h per running replica; idle it scales to zero after 15 min "
-        "(each idle tail ≈ $0.97)"),
+        "  router     $0.06/h while up (1 core, 1 GiB; it scales to zero too)",
+        ("    cost     $4.30/h per running replica; idle it scales to zero after 15 min "
+        "(each idle tail ≈ $1.07)"),
+        ("    reserves 5 CPU cores, 20 GiB memory: $3.90 GPU + $0.24 CPU + $0.16 memory "
+         "per hour"),
+        ("    reserves 4 CPU cores, 14 GiB memory: $1.95 GPU + $0.19 CPU + $0.11 memory "
+         "per hour"),
         "    scaling  0 to 4 replicas, 32 requests each",
         "    secrets  huggingface",
         "    secrets  none",  # Qwen is not gated
@@ -176,7 +191,7 @@ def test_dry_run_all_shows_five_apps_and_fifteen_pools():
     assert sum("--tensor-parallel-size 2" in c for c in commands) == 2, out
     assert all("--host 127.0.0.1" in c and "--enforce-eager" in c for c in commands), out
     assert "  gemma-3-27b (google/gemma-3-27b-it) on H100" in out, out
-    assert "    cost     $6.25/h per running replica" in out, out
+    assert "    cost     $6.55/h per running replica" in out, out
     assert "Dry run: 5 app(s), nothing deployed." in out, out
 
 
@@ -187,8 +202,9 @@ def test_dry_run_one_legacy_app():
     assert ("  endpoint   https://<workspace>--vllm-gemma-3-12b-l40s-serve.modal.run  "
             "(function 'serve', the only one)") in lines, out
     assert f"    command  {GEMMA_12B_ON_L40S}" in lines, out
-    assert "    cost     $1.95/h per running replica; idle it scales to zero after 15 min " \
-           "(each idle tail ≈ $0.49)" in lines, out
+    assert "    cost     $2.25/h per running replica; idle it scales to zero after 15 min " \
+           "(each idle tail ≈ $0.56)" in lines, out
+    assert not any(line.startswith("  router") for line in lines), out  # no router: legacy
 
 
 def test_dry_run_json_carries_the_argv_and_costs():
@@ -205,7 +221,10 @@ def test_dry_run_json_carries_the_argv_and_costs():
     assert qwen["command"][qwen["command"].index("--limit-mm-per-prompt") + 1] == (
         '{"image":4,"video":0}')
     assert (qwen["scaledown_window_seconds"], qwen["usd_per_hour_per_replica"],
-            qwen["usd_per_idle_tail"]) == (900, 3.9, 0.97)
+            qwen["usd_per_idle_tail"]) == (900, 4.3, 1.07)
+    assert (qwen["usd_per_hour_split"], qwen["cpu_cores"], qwen["memory_mib"]) == (
+        {"gpu": 3.9, "cpu": 0.2358, "memory": 0.1598}, 5.0, 20480)
+    assert app["router_usd_per_hour"] == 0.0552
     assert app["not_served"] == {}
 
 

@@ -184,6 +184,19 @@ CASES = [
         ["{f}: models.tiny.dtype: Input should be 'bfloat16' or 'float16' (got 'bf16')"],
     ),
     (
+        "float16 for a model type vLLM 0.33 refuses it for (config/model.py)",
+        BASE.replace("max_model_len: 4096", "max_model_len: 4096\n    dtype: float16\n"
+                     "    model_type: gemma3"),
+        [("{f}: models.tiny.dtype: vLLM 0.33 refuses float16 for model_type gemma3 "
+          "(numerical instability) and would exit at start; use bfloat16")],
+    ),
+    (
+        "float16 without the model_type that decides whether vLLM takes it",
+        BASE.replace("max_model_len: 4096", "max_model_len: 4096\n    dtype: float16"),
+        [("{f}: models.tiny.model_type: required with dtype float16 (config.json's model_type: "
+          "vLLM 0.33 refuses float16 for gemma2, gemma3, gemma3_text, glm4)")],
+    ),
+    (
         "missing required key in a model",
         BASE.replace("    huggingface_id: org/tiny-it\n", ""),
         ["{f}: models.tiny.huggingface_id: required key is missing"],
@@ -242,6 +255,30 @@ CASES = [
 def test_config_error_is_one_exact_line_per_problem(tmp_path, text, expected):
     path = write(tmp_path, text)
     assert errors_of(path) == [line.replace("{f}", str(path)) for line in expected]
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3", "gemma3_text", "glm4"])
+def test_float16_is_refused_for_each_family_vllm_refuses_it_for(tmp_path, model_type):
+    # vllm/config/model.py _FLOAT16_NOT_SUPPORTED_MODELS, checked by _check_valid_dtype at
+    # start: exit 3 and one line naming the field, through the CLI too.
+    path = write(tmp_path, BASE.replace("max_model_len: 4096", "max_model_len: 4096\n"
+                                        f"    dtype: float16\n    model_type: {model_type}"))
+    line = (f"{path}: models.tiny.dtype: vLLM 0.33 refuses float16 for model_type {model_type} "
+            "(numerical instability) and would exit at start; use bfloat16")
+    assert errors_of(path) == [line]
+    from typer.testing import CliRunner
+
+    import deploy
+
+    result = CliRunner().invoke(deploy.cli, ["--list", "--config", str(path)])
+    assert (result.exit_code, result.stderr) == (3, f"Error: {line}\n")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma", "gemma3n", "glm4v"])
+def test_float16_is_taken_for_other_families(tmp_path, model_type):
+    path = write(tmp_path, BASE.replace("max_model_len: 4096", "max_model_len: 4096\n"
+                                        f"    dtype: float16\n    model_type: {model_type}"))
+    assert config.load(path).models["tiny"].dtype == "float16"
 
 
 def test_several_problems_in_one_file_give_several_lines(tmp_path):
@@ -420,69 +457,103 @@ def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):
 
 # ## Fit check over the spec's matrix, worked out by hand
 #
-# Formula (config.fit_on_gpu): with GB = 1e9 bytes, gpu_memory_utilization 0.92 and
-# 3 GiB of overhead per GPU, `count` GPUs fit when
-#   weights + sliding-window KV of one sequence + 3 GiB x count + full-attention KV x 32768
-#     <= VRAM x 0.92 x count,
-# and the KV headroom in tokens is
-#   (VRAM x 0.92 x count - weights - sliding KV - 3 GiB x count) // full KV bytes per token.
+# As vLLM 0.33 sizes it (config.fit_on_gpu, v1/core/kv_cache_planning.py
+# get_kv_cache_configs), per GPU of a replica of `count` GPUs, with GB = 1e9 bytes,
+# gpu_memory_utilization 0.92 and 3 GiB of overhead per GPU, `count` GPUs fit when
+#   weights / count + 3 GiB + bytes per block x (blocks per request + 1 null block)
+#     <= VRAM x 0.92,
+# and vLLM's KV cache size in tokens is
+#   blocks = (VRAM x 0.92 - weights / count - 3 GiB) // bytes per block
+#   kv_tokens = int(blocks / blocks per request x max_model_len).
+# A block holds 16 tokens (CacheConfig.DEFAULT_BLOCK_SIZE) of K and V, 2 bytes each, for the
+# layers of one KV cache group. A request at max_model_len 32768 takes 32768 / 16 = 2048
+# blocks in a full-attention group, and in a sliding-window group
+#   cdiv(min(window - 1 + 2 x max_num_batched_tokens, 32768), 16) + 1
+# (SlidingWindowSpec.max_admission_blocks_per_request; 2 batches in flight: async
+# scheduling, VllmConfig.max_in_flight_tokens). vLLM's default max_num_batched_tokens
+# (EngineArgs.get_batch_defaults): 2048 on L40S and A100, 8192 on H100 and H200, 16384
+# on B200. With window 1024, a sliding group's blocks per request are:
+#   L40S, A100: min(1023 + 4096, 32768) = 5119 tokens -> cdiv 320 + 1 = 321
+#   H100, H200: min(1023 + 16384, 32768) = 17407 -> 1088 + 1 = 1089
+#   B200:       min(1023 + 32768, 32768) = 32768 -> 2048 + 1 = 2049
+SLIDING_BLOCKS = {"l40s": 321, "a100": 321, "h100": 1089, "h200": 1089, "b200": 2049}
 # Budgets per GPU: L40S 48e9 x 0.92 = 44.16e9; A100/H100 80e9 x 0.92 = 73.6e9;
 # H200 141e9 x 0.92 = 129.72e9; B200 192e9 x 0.92 = 176.64e9 (integers below: exact).
 BUDGET = {"l40s": 4416 * 10**7, "a100": 7360 * 10**7, "h100": 7360 * 10**7,
           "h200": 12972 * 10**7, "b200": 17664 * 10**7}
 OVERHEAD = 3 * GIB  # 3,221,225,472 bytes per GPU
+LENGTH = 32768
 
-# gemma-3-12b: 12.19 B params x 2 bytes (bf16) = 24.38e9 bytes of weights.
-# 40 sliding layers keep 1024 tokens: 2 (K,V) x 40 x 8 kv heads x 256 dim x 2 bytes x 1024
-#   = 335,544,320 bytes. 8 global layers: 2 x 8 x 8 x 256 x 2 = 65,536 bytes per token,
-#   x 32768 = 2,147,483,648. One GPU needs 24.38e9 + 0.34e9 + 3.22e9 + 2.15e9 = 30.08e9,
-#   under even the L40S's 44.16e9: one GPU everywhere.
-G12_FIXED = 1219 * 10**7 * 2 + 2 * 40 * 8 * 256 * 2 * 1024
-G12_PER_TOKEN = 2 * 8 * 8 * 256 * 2
-# gemma-3-27b: 27.43e9 x 2 = 54.86e9 of weights: more than one L40S's 44.16e9, so 2 GPUs
-#   (32 heads divide by 2): need 54.86e9 + 436,207,616 (2 x 52 x 16 x 128 x 2 x 1024)
-#   + 2 x 3 GiB + 81,920 (2 x 10 x 16 x 128 x 2) x 32768 = 64.42e9 <= 88.32e9.
-#   On 80 GB: 54.86e9 + 0.44e9 + 3.22e9 + 2.68e9 = 61.20e9 <= 73.6e9: one GPU.
-G27_FIXED = 2743 * 10**7 * 2 + 2 * 52 * 16 * 128 * 2 * 1024
-G27_PER_TOKEN = 2 * 10 * 16 * 128 * 2
-# qwen3-vl-30b: 31.07e9 x 2 = 62.14e9 of weights, no sliding window; KV per token
-#   2 x 48 layers x 4 kv heads x 128 x 2 = 98,304 bytes, x 32768 = 3,221,225,472.
-#   L40S: 2 GPUs need 62.14e9 + 6.44e9 + 3.22e9 = 71.80e9 <= 88.32e9.
-#   80 GB: 62.14e9 + 3.22e9 + 3.22e9 = 68.58e9 <= 73.6e9: one GPU.
-QWEN_FIXED = 3107 * 10**7 * 2
-QWEN_PER_TOKEN = 2 * 48 * 4 * 128 * 2
+# gemma-3-12b: 12.19e9 params x 2 bytes = 24.38e9 of weights. A layer's block:
+#   16 x 2 (K, V) x 8 kv heads x 256 dim x 2 bytes = 131,072 bytes. 8 full-attention and 40
+#   sliding layers: groups of 8 layers (the smaller count; 40 is not under 1.5 x 8), so 1
+#   full group and 5 sliding groups, 8 x 131,072 = 1,048,576 bytes per block.
+#   Blocks per request: L40S 2048 + 5 x 321 = 3653; H100 2048 + 5 x 1089 = 7493;
+#   B200 2048 + 5 x 2049 = 12293. One GPU everywhere: on L40S 24.38e9 + 3.22e9 +
+#   1,048,576 x 3654 = 31.43e9 <= 44.16e9.
+G12 = (24_380_000_000, 8 * 131_072, 5)  # weights, bytes per block, sliding groups
+# gemma-3-27b: 27.43e9 x 2 = 54.86e9, more than one L40S's 44.16e9: 2 GPUs there (32 heads
+#   divide by 2), each with 27.43e9 of weights and 16 / 2 = 8 kv heads: a layer's block is
+#   16 x 2 x 8 x 128 x 2 = 65,536 bytes (131,072 on one GPU). 10 full and 52 sliding layers:
+#   groups of 10, 1 full and cdiv(52, 10) = 6 sliding groups (the last padded), 10 layers'
+#   pages per block. Blocks per request: 2048 + 6 x 321 = 3974 (L40S, A100),
+#   2048 + 6 x 1089 = 8582 (H100, H200), 2048 + 6 x 2049 = 14342 (B200).
+#   L40S:2, per GPU: 27.43e9 + 3.22e9 + 655,360 x 3975 = 33.26e9 <= 44.16e9.
+#   H100: 54.86e9 + 3.22e9 + 1,310,720 x 8583 = 69.33e9 <= 73.6e9: one GPU.
+G27 = (54_860_000_000, 10 * 131_072, 6)
+# qwen3-vl-30b: 31.07e9 x 2 = 62.14e9 of weights, full attention only: one group of all 48
+#   layers, a layer's block 16 x 2 x 4 kv heads x 128 x 2 = 32,768 bytes (16,384 per GPU on
+#   2 GPUs), 48 x 32,768 = 1,572,864 bytes per block, 2048 blocks per request.
+#   L40S:2, per GPU: 31.07e9 + 3.22e9 + 786,432 x 2049 = 35.90e9 <= 44.16e9.
+#   80 GB: 62.14e9 + 3.22e9 + 1,572,864 x 2049 = 68.58e9 <= 73.6e9: one GPU.
+QWEN = (62_140_000_000, 48 * 32_768, 0)
 
 
-def headroom(gpu: str, count: int, fixed: int, per_token: int) -> int:
-    return (BUDGET[gpu] * count - fixed - OVERHEAD * count) // per_token
+def kv_tokens(gpu: str, count: int, model: tuple[int, int, int]) -> int:
+    weights, bytes_per_block, sliding_groups = model
+    blocks = (BUDGET[gpu] - weights // count - OVERHEAD) // (bytes_per_block // count)
+    per_request = 2048 + sliding_groups * SLIDING_BLOCKS[gpu]
+    return int(blocks / per_request * LENGTH)
+
+
+# Price per running replica (config.Fit.bill): the GPUs, plus what it reserves at Modal's
+# $0.04716 per core-hour and $0.007992 per GiB-hour (models.yaml billing):
+#   CPU: 2 cores (API server, engine core) + 1 per GPU + 1 (vision: all three models)
+#   memory: 8 GiB + 6 GiB per GPU
+# One GPU: 4 cores x 0.04716 = $0.18864, 14 GiB x 0.007992 = $0.111888 (+ $0.300528)
+# Two GPUs: 5 cores = $0.2358, 20 GiB = $0.15984 (+ $0.39564)
+EXTRA = {1: (0.18864, 0.111888), 2: (0.2358, 0.15984)}
 
 
 SPEC_FITS = [
     # (model, gpu, GPUs per replica, Modal GPU string, KV tokens)
-    ("gemma-3-12b", "l40s", 1, "L40S", headroom("l40s", 1, G12_FIXED, G12_PER_TOKEN)),
-    ("gemma-3-12b", "a100", 1, "A100-80GB", headroom("a100", 1, G12_FIXED, G12_PER_TOKEN)),
-    ("gemma-3-12b", "h100", 1, "H100", headroom("h100", 1, G12_FIXED, G12_PER_TOKEN)),
-    ("gemma-3-12b", "h200", 1, "H200", headroom("h200", 1, G12_FIXED, G12_PER_TOKEN)),
-    ("gemma-3-12b", "b200", 1, "B200", headroom("b200", 1, G12_FIXED, G12_PER_TOKEN)),
-    ("gemma-3-27b", "l40s", 2, "L40S:2", headroom("l40s", 2, G27_FIXED, G27_PER_TOKEN)),
-    ("gemma-3-27b", "a100", 1, "A100-80GB", headroom("a100", 1, G27_FIXED, G27_PER_TOKEN)),
-    ("gemma-3-27b", "h100", 1, "H100", headroom("h100", 1, G27_FIXED, G27_PER_TOKEN)),
-    ("gemma-3-27b", "h200", 1, "H200", headroom("h200", 1, G27_FIXED, G27_PER_TOKEN)),
-    ("gemma-3-27b", "b200", 1, "B200", headroom("b200", 1, G27_FIXED, G27_PER_TOKEN)),
-    ("qwen3-vl-30b", "l40s", 2, "L40S:2", headroom("l40s", 2, QWEN_FIXED, QWEN_PER_TOKEN)),
-    ("qwen3-vl-30b", "a100", 1, "A100-80GB", headroom("a100", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
-    ("qwen3-vl-30b", "h100", 1, "H100", headroom("h100", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
-    ("qwen3-vl-30b", "h200", 1, "H200", headroom("h200", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
-    ("qwen3-vl-30b", "b200", 1, "B200", headroom("b200", 1, QWEN_FIXED, QWEN_PER_TOKEN)),
+    ("gemma-3-12b", "l40s", 1, "L40S", kv_tokens("l40s", 1, G12)),
+    ("gemma-3-12b", "a100", 1, "A100-80GB", kv_tokens("a100", 1, G12)),
+    ("gemma-3-12b", "h100", 1, "H100", kv_tokens("h100", 1, G12)),
+    ("gemma-3-12b", "h200", 1, "H200", kv_tokens("h200", 1, G12)),
+    ("gemma-3-12b", "b200", 1, "B200", kv_tokens("b200", 1, G12)),
+    ("gemma-3-27b", "l40s", 2, "L40S:2", kv_tokens("l40s", 2, G27)),
+    ("gemma-3-27b", "a100", 1, "A100-80GB", kv_tokens("a100", 1, G27)),
+    ("gemma-3-27b", "h100", 1, "H100", kv_tokens("h100", 1, G27)),
+    ("gemma-3-27b", "h200", 1, "H200", kv_tokens("h200", 1, G27)),
+    ("gemma-3-27b", "b200", 1, "B200", kv_tokens("b200", 1, G27)),
+    ("qwen3-vl-30b", "l40s", 2, "L40S:2", kv_tokens("l40s", 2, QWEN)),
+    ("qwen3-vl-30b", "a100", 1, "A100-80GB", kv_tokens("a100", 1, QWEN)),
+    ("qwen3-vl-30b", "h100", 1, "H100", kv_tokens("h100", 1, QWEN)),
+    ("qwen3-vl-30b", "h200", 1, "H200", kv_tokens("h200", 1, QWEN)),
+    ("qwen3-vl-30b", "b200", 1, "B200", kv_tokens("b200", 1, QWEN)),
 ]
 
 
 def test_hand_figures_as_plain_numbers():
-    # The expressions above, evaluated once by hand as a check on the check.
+    # The expressions above, evaluated once by hand as a check on the check. E.g.
+    # gemma-3-12b on L40S: (44.16e9 - 24.38e9 - 3 GiB) // 1,048,576 = 15,791 blocks;
+    # 15,791 / 3653 x 32768 = 141,647 tokens (4.3 requests of 32k at once). On H100 the
+    # larger batch budget keeps more of each sliding window: 43,867 / 7493 x 32768 = 191,836.
     assert [row[4] for row in SPEC_FITS] == [
-        247_546, 696_765, 696_765, 1_553_088, 2_269_031,
-        324_479, 184_113, 184_113, 869_171, 1_441_925,
-        200_780, 83_809, 83_809, 654_691, 1_131_986,
+        141_647, 393_494, 191_836, 425_892, 378_869,
+        169_958, 97_619, 45_203, 208_688, 206_663,
+        200_768, 83_808, 83_808, 654_688, 1_131_984,
     ]
 
 
@@ -493,7 +564,40 @@ def test_fit_of_every_cell_of_the_spec_matrix(model, gpu, count, gpu_string, kv_
     fit = matrix.fit(matrix.models[model], matrix.gpus[gpu])
     assert (fit.fits, fit.count, fit.gpu_string, fit.kv_tokens, fit.reason) == (
         True, count, gpu_string, kv_tokens, "")
-    assert fit.usd_per_hour == pytest.approx(matrix.gpus[gpu].usd_per_hour * count)
+    cpu, memory = EXTRA[count]
+    gpus = matrix.gpus[gpu].usd_per_hour * count
+    assert fit.usd_per_hour_split == pytest.approx({"gpu": gpus, "cpu": cpu, "memory": memory})
+    assert fit.usd_per_hour == pytest.approx(gpus + cpu + memory)
+    bill = fit.bill()
+    assert (bill.cpu_cores, bill.memory_mib) == ({1: 4.0, 2: 5.0}[count],
+                                                 {1: 14 * 1024, 2: 20 * 1024}[count])
+
+
+def test_every_cells_price_as_plain_numbers(matrix):
+    # GPU $/hour x GPUs + 0.300528 (one GPU) or + 0.39564 (two), rounded as --list shows them.
+    prices = [round(matrix.fit(m, g).usd_per_hour, 4) for m in matrix.models.values()
+              for g in matrix.gpus.values()]
+    assert prices == [2.2505, 2.8005, 4.2505, 4.8405, 6.5505,
+                      4.2956, 2.8005, 4.2505, 4.8405, 6.5505,
+                      4.2956, 2.8005, 4.2505, 4.8405, 6.5505]
+
+
+def test_need_of_the_tightest_cells_by_hand(matrix):
+    # gemma-3-27b on H100: 54.86e9 + 3 GiB + 1,310,720 x (8582 + 1) = 69,331,135,232 bytes.
+    fit = matrix.fit(matrix.models["gemma-3-27b"], matrix.gpus["h100"])
+    assert fit.need_gib * GIB == pytest.approx(54_860_000_000 + OVERHEAD + 1_310_720 * 8583)
+    # B200 keeps 2049 blocks per sliding group: 54.86e9 + 3 GiB + 1,310,720 x 14343.
+    fit = matrix.fit(matrix.models["gemma-3-27b"], matrix.gpus["b200"])
+    assert fit.need_gib * GIB == pytest.approx(54_860_000_000 + OVERHEAD + 1_310_720 * 14343)
+    # The sliding layers' share there: 6 groups x 1,310,720 x 2049 = 16,113,991,680 bytes,
+    # where the window's 1024 tokens (2 x 52 x 16 x 128 x 2 x 1024 = 436,207,616) were
+    # counted before: 15,677,784,064 bytes (14.6 GiB) more.
+    assert 6 * 1_310_720 * 2049 - 2 * 52 * 16 * 128 * 2 * 1024 == 15_677_784_064
+
+
+def test_the_router_costs_its_core_and_gib(matrix):
+    # 1 core x 0.04716 + 1 GiB x 0.007992 = $0.055152 per hour while it is up.
+    assert matrix.router_bill.usd_per_hour == pytest.approx(0.055152)
 
 
 def test_the_spec_matrix_has_15_legacy_cells():
@@ -502,7 +606,31 @@ def test_the_spec_matrix_has_15_legacy_cells():
 
 def test_gemma_27b_on_one_l40s_would_not_fit():
     # 54.86e9 of weights alone exceed one L40S's 44.16e9 budget.
-    assert G27_FIXED > BUDGET["l40s"]
+    assert G27[0] > BUDGET["l40s"]
+
+
+# ## vLLM's default batch budget per GPU, and what overrides it
+
+
+@pytest.mark.parametrize(("gpu", "tokens"), [
+    ("l40s", 2048), ("a100", 2048), ("h100", 8192), ("h200", 8192), ("b200", 16384)])
+def test_default_max_num_batched_tokens_follows_vllm(matrix, gpu, tokens):
+    # engine/arg_utils.py get_batch_defaults: >= 160 GiB -> 16384; >= 70 GiB and not an A100
+    # -> 8192; else 2048. Nominal VRAM: 48e9 = 44.7 GiB, 80e9 = 74.5, 141e9 = 131.3,
+    # 192e9 = 178.8.
+    assert matrix.gpus[gpu].default_max_num_batched_tokens == tokens
+
+
+def test_an_explicit_batch_budget_in_extra_args_is_what_vllm_runs_with(tmp_path):
+    text = (ROOT / "models.yaml").read_text().replace(
+        "    max_model_len: 32768\n    vision: {images: 4, videos: 0}\n\n  gemma-3-27b:",
+        "    max_model_len: 32768\n    vision: {images: 4, videos: 0}\n"
+        "    extra_args: [--max-num-batched-tokens, '512']\n\n  gemma-3-27b:", 1)
+    matrix = config.load(write(tmp_path, text))
+    fit = matrix.fit(matrix.models["gemma-3-12b"], matrix.gpus["b200"])
+    # min(1023 + 2 x 512, 32768) = 2047 tokens -> cdiv 128 + 1 = 129 blocks per sliding group;
+    # 2048 + 5 x 129 = 2693 blocks per request; (176.64e9 - 24.38e9 - 3 GiB) // 1 MiB = 142,134.
+    assert fit.kv_tokens == int(142_134 / 2693 * 32768) == 1_729_464
 
 
 # ## Models that fit nowhere, or whose heads rule out a tensor-parallel size
@@ -551,8 +679,9 @@ def big(tmp_path):
 
 def test_a_model_too_big_for_8_gpus_is_marked_with_its_reason(big):
     fit = big.fit(big.models["huge"], big.gpus["h100"])
-    # 1000e9 x 2 bytes + 8 x 3 GiB + 2 x 10 x 8 x 128 x 2 bytes x 4096 tokens, in GiB:
-    need_gib = (1000 * 10**9 * 2 + 8 * OVERHEAD + 2 * 10 * 8 * 128 * 2 * 4096) / GIB
+    # 1000e9 x 2 bytes + 8 x 3 GiB + KV: on 8 GPUs one kv head each, a block of 10 layers
+    # is 10 x 16 x 2 x 1 x 128 x 2 = 81,920 bytes, x (4096 / 16 + 1 null) blocks, per GPU:
+    need_gib = (1000 * 10**9 * 2 + 8 * OVERHEAD + 8 * 81_920 * 257) / GIB
     assert f"{need_gib:.1f}" == "1886.8"
     assert (fit.fits, fit.count, fit.gpu_string, fit.kv_tokens) == (False, 0, "", 0)
     assert fit.reason == ("needs 1886.8 GiB at max_model_len 4096, "
@@ -575,8 +704,8 @@ def test_a_model_that_fits_nowhere_is_never_deployed(big):
 
 def test_heads_not_divisible_by_4_or_8_stop_at_2_gpus(big):
     model = big.models["six-heads"]
-    # 30e9 x 2 = 60e9 of weights. H100: one GPU's 73.6e9 holds 60e9 + 3 GiB + KV (
-    # 2 x 10 x 2 x 128 x 2 = 10,240 bytes x 4096 = 41,943,040) = 63.26e9: 1 GPU.
+    # 30e9 x 2 = 60e9 of weights. H100: one GPU's 73.6e9 holds 60e9 + 3 GiB + KV (a block
+    # of 10 layers x 16 x 2 x 2 x 128 x 2 = 163,840 bytes x 257 = 42,106,880) = 63.26e9.
     assert big.fit(model, big.gpus["h100"]).gpu_string == "H100"
     # L40S: 2 GPUs give 88.32e9, enough (60e9 + 6.44e9 + 0.04e9 = 66.49e9): 2 GPUs.
     assert big.fit(model, big.gpus["l40s"]).gpu_string == "L40S:2"
@@ -589,7 +718,7 @@ def test_heads_not_divisible_by_4_fail_where_4_gpus_were_needed(tmp_path):
     fit = matrix.fit(matrix.models["six-heads"], matrix.gpus["l4"])
     # L4 budget 24e9 x 0.92 = 22.08e9 per GPU; 2 GPUs = 44.16e9 < 60e9 + 2 x 3 GiB + 0.04e9.
     # 4 (and 8) GPUs would fit, but 6 heads cannot be split 4 or 8 ways.
-    need_gib = (30 * 10**9 * 2 + 2 * OVERHEAD + 2 * 10 * 2 * 128 * 2 * 4096) / GIB
+    need_gib = (30 * 10**9 * 2 + 2 * OVERHEAD + 2 * 81_920 * 257) / GIB  # 1 kv head per GPU
     assert (fit.fits, fit.count) == (False, 0)
     assert fit.reason == (
         f"needs {need_gib:.1f} GiB at max_model_len 4096, more than 2 x 24 GB x 0.92 allows "
@@ -628,3 +757,28 @@ def test_the_readme_example_entry_is_a_valid_model(tmp_path):
     matrix = config.load(write(tmp_path, (ROOT / "models.yaml").read_text() + entry))
     (key,) = set(matrix.models) - {"gemma-3-12b", "gemma-3-27b", "qwen3-vl-30b"}
     assert all(matrix.fit(matrix.models[key], gpu).fits for gpu in matrix.gpus.values())
+
+
+# ## What the shipped matrix records
+
+
+def test_the_shipped_matrix_records_modals_rates_with_date_and_source():
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "models.yaml").read_text())
+    assert set(raw["billing"]) == {"cpu_core_usd_per_hour", "memory_gib_usd_per_hour",
+                                   "read_on", "source"}
+    # $0.0000131 per core-second and $0.00000222 per GiB-second, by the hour.
+    assert raw["billing"]["cpu_core_usd_per_hour"] == pytest.approx(0.0000131 * 3600)
+    assert raw["billing"]["memory_gib_usd_per_hour"] == pytest.approx(0.00000222 * 3600)
+    assert raw["billing"]["source"].startswith("https://")
+    # A matrix without the section falls back to the same figures.
+    assert config.load().billing == config.Billing()
+
+
+def test_every_shipped_model_says_its_architecture_and_model_type():
+    models = config.load().models.values()
+    assert [(m.architecture, m.model_type) for m in models] == [
+        ("Gemma3ForConditionalGeneration", "gemma3"),
+        ("Gemma3ForConditionalGeneration", "gemma3"),
+        ("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe")]

@@ -50,9 +50,13 @@ def test_one_entry_per_model_and_gpu_routed_to_that_gpu_app(matrix):
     assert data["general_settings"] == {"master_key": "os.environ/LITELLM_MASTER_KEY"}
 
 
+# $/hour per replica, GPUs + CPU + memory (config.Fit.bill; worked out in test_config.py):
+# one GPU adds 4 cores x $0.04716 + 14 GiB x $0.007992 = $0.300528, two GPUs add 5 cores +
+# 20 GiB = $0.39564. So 2 x L40S ($3.90 + 0.40 = $4.30) is now dearer than one H100
+# ($3.95 + 0.30 = $4.25): the CPU and memory a second GPU's worker reserves tip it.
 @pytest.mark.parametrize(("model", "gpus_cheapest_first"), [
-    ("gemma-3-12b", ["l40s", "a100", "h100", "h200", "b200"]),  # 1.95 2.50 3.95 4.54 6.25
-    ("gemma-3-27b", ["a100", "l40s", "h100", "h200", "b200"]),  # 2.50 < 2 x L40S = 3.90
+    ("gemma-3-12b", ["l40s", "a100", "h100", "h200", "b200"]),  # 2.25 2.80 4.25 4.84 6.55
+    ("gemma-3-27b", ["a100", "h100", "l40s", "h200", "b200"]),  # 2.80 4.25 4.30 4.84 6.55
 ])
 def test_model_name_alone_routes_cheapest_replica_first(matrix, model, gpus_cheapest_first):
     group = entries(exports.litellm_config(matrix), model)

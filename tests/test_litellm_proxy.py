@@ -159,8 +159,10 @@ def test_litellm_loads_every_model_name_with_its_endpoint_and_order(stack):
             "openai/Qwen/Qwen3-VL-30B-A3B-Instruct", None) in loaded
     group = sorted((d["litellm_params"]["order"], d["litellm_params"].get("api_base"))
                    for d in deployments if d["model_name"] == "gemma-3-27b")
-    assert group == [(1, stack.down), (2, stack.gateways["l40s"]), (3, stack.gateways["h100"]),
-                     (4, None), (5, None)]  # a100, 2 x l40s, h100, then h200, b200 (unset)
+    # a100 ($2.80/h), h100 ($4.25/h), 2 x l40s ($4.30/h: GPUs + CPU + memory), then h200,
+    # b200 (unset)
+    assert group == [(1, stack.down), (2, stack.gateways["h100"]), (3, stack.gateways["l40s"]),
+                     (4, None), (5, None)]
 
 
 # ## Chat requests through LiteLLM, our gateway and a stand-in vLLM
@@ -180,7 +182,7 @@ def test_model_gpu_name_reaches_that_gpu_with_the_canonical_name_and_key(stack):
 
 def test_model_name_alone_goes_to_the_cheapest_gpu(stack):
     before = stack.counts()
-    chat(stack, "gemma-3-12b")  # l40s at $1.95/h is cheapest
+    chat(stack, "gemma-3-12b")  # l40s at $2.25/h is cheapest
     got = new_requests(stack, before)
     assert list(got) == ["l40s"]
     assert got["l40s"][0]["body"]["model"] == "google/gemma-3-12b-it"
@@ -188,11 +190,11 @@ def test_model_name_alone_goes_to_the_cheapest_gpu(stack):
 
 def test_falls_back_to_the_next_cheapest_gpu_when_one_is_down(stack):
     before = stack.counts()
-    reply = chat(stack, "gemma-3-27b")  # a100 ($2.50/h) is down; next: 2 x L40S at $3.90/h
+    reply = chat(stack, "gemma-3-27b")  # a100 ($2.80/h) is down; next: one H100 at $4.25/h
     assert reply.choices[0].finish_reason in ("stop", "length")
     got = new_requests(stack, before)
-    assert list(got) == ["l40s"]
-    assert got["l40s"][-1]["body"]["model"] == "google/gemma-3-27b-it"
+    assert list(got) == ["h100"]
+    assert got["h100"][-1]["body"]["model"] == "google/gemma-3-27b-it"
 
 
 def test_streaming_and_structured_outputs_pass_through(stack):
