@@ -303,15 +303,12 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
         if not o.test_model and len(app.pools) != 1:
             raise config.UsageError(f"--bench needs --test-model NAME: {app.name} serves "
                                     f"{', '.join(p.model.key for p in app.pools)}")
-    api_key = o.api_key or os.environ.get("VLLM_API_KEY") or None
-    if (o.test_gpu or o.test) and not api_key:  # before the lookup on Modal, not after it
-        raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
-                                "VLLM_API_KEY")
     keep_warm_s = config.parse_duration(o.keep_warm) if o.keep_warm else None
     target = checks.resolve_target(
-        matrix, app, test_model=o.test_model, base_url=o.base_url, api_key=api_key,
+        matrix, app, test_model=o.test_model, base_url=o.base_url,
+        api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
         deadline_s=config.parse_duration(o.deadline) if o.deadline else None,
-        environment=o.environment)
+        environment=o.environment, require_key=bool(o.test_gpu or o.test))
     if o.test_gpu or o.test:
         code = checks.run_conformance(target, as_json=o.as_json)
     elif o.warm:
