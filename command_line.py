@@ -12,8 +12,10 @@ checked before anything slow.
 - Pipes: `deploy.py ... | head -1` closes the pipe early. Python (and rich) then raise
   BrokenPipeError, typer and rich turn it into exit 1, and the interpreter's last flush
   prints "Exception ignored". A reader that stopped reading is no failure of ours: exit
-  0 quietly, with stdout pointed at devnull as Python's documentation recommends
-  (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+  0 quietly, with stdout (and stderr) pointed at devnull as Python's documentation
+  recommends (https://docs.python.org/3/library/signal.html#note-on-sigpipe). An error
+  whose message cannot be written keeps its exit code.
+- Values: the checks `deploy.VALUES` applies to each option's value, one line each.
 """
 
 import errno
@@ -25,8 +27,6 @@ from urllib.parse import urlsplit
 
 import typer
 from typer.core import TyperCommand
-
-USAGE_EXIT = 2
 
 
 def print_error(text: str) -> None:
