@@ -38,6 +38,14 @@ FIRST_BACKOFF, MAX_BACKOFF = 0.25, 10.0  # seconds between attempts: doubling, c
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
 READ_TIMEOUT = 300.0  # seconds for one answer (Modal turns a call over 150 s into a 303)
 MIN_READ_TIMEOUT = 60.0  # seconds an attempt may wait even past the deadline
+# Seconds a URL that is not a Modal endpoint may refuse connections (or not resolve) before
+# we give up on it. Modal's endpoints never refuse while cold: Modal's proxy takes the
+# request and holds it (or answers 503) while a container starts, so there a refusal is
+# retried until the deadline like any cold start. Elsewhere a server being restarted
+# listens again within seconds, and a wrong --base-url refuses for ever; a vLLM server
+# still loading its model refuses too until it is ready, and the error says so.
+UNREACHABLE_GRACE = 15.0
+MODAL_HOST_SUFFIX = ".modal.run"  # https://<workspace>--<app>-<function>.modal.run
 
 
 # ## Talking to an endpoint through its cold start
@@ -45,6 +53,34 @@ MIN_READ_TIMEOUT = 60.0  # seconds an attempt may wait even past the deadline
 
 class NotReady(Exception):
     """The endpoint kept answering 502/503/504 (or nothing) until the deadline."""
+
+
+class Unreachable(config.UserError):
+    """A URL that is not a Modal endpoint refused connections (or did not resolve) for
+    UNREACHABLE_GRACE seconds: every later request would fail the same way, so the run
+    ends with this one line instead of a table of identical failures."""
+
+    exit_code = 1
+
+
+def _cannot_connect(exc: BaseException) -> str | None:
+    """'connection refused' or 'the name does not resolve' when that is why `exc` (an httpx
+    error) failed: what no retry fixes while nothing listens there; else None."""
+    import socket
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "the name does not resolve"
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)  # httpcore re-raises some failures with the text only
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "the name does not resolve"
+    return None
 
 
 def normalize_base_url(url: str) -> str:
@@ -104,11 +140,16 @@ class Endpoint:
     """An OpenAI-compatible endpoint: its base URL, key, and one retry deadline for all calls."""
 
     def __init__(self, base_url: str, api_key: str | None, *, deadline_s: float,
-                 max_connections: int = 32):
+                 max_connections: int = 32, on_wait=None):
+        """`on_wait(reason)` is called after each failed try with why it failed (one line):
+        what the caller shows while the endpoint starts."""
         self.base_url = normalize_base_url(base_url)
         self.api_key = api_key
         self.deadline = time.monotonic() + deadline_s
         self.deadline_s = deadline_s
+        self.on_wait = on_wait
+        self.is_modal = (urlsplit(self.base_url).hostname or "").endswith(MODAL_HOST_SUFFIX)
+        self._unreachable_since: float | None = None  # first of the refusals in a row
         self.client = httpx.AsyncClient(
             base_url=self.base_url, follow_redirects=True,  # Modal: 303 to the result URL
             timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
@@ -149,21 +190,51 @@ class Endpoint:
                 resp = await self.client.send(request, stream=stream)
             except httpx.TimeoutException:
                 last = "timed out"
+                self._unreachable_since = None
             except httpx.TransportError as exc:
-                last = f"connection failed ({type(exc).__name__}: {_clip(str(exc), 60)})"
+                why = _cannot_connect(exc)
+                last = (f"{why} ({urlsplit(self.base_url).netloc})" if why else
+                        f"connection failed ({type(exc).__name__}: {_clip(str(exc), 60)})")
+                self._give_up_if_unreachable(why)
             else:
+                self._unreachable_since = None
                 if stream and resp.status_code in RETRY_STATUSES:
                     await resp.aread()  # an error body is short; read it, free the connection
                     await resp.aclose()
                 if resp.status_code not in RETRY_STATUSES or _permanent(resp):
                     return Answer(resp, time.monotonic() - sent, sent - first, attempts, sent)
                 last = f"HTTP {resp.status_code}: {error_message(resp)}"
+            if self.on_wait is not None:
+                self.on_wait(last)
             now = time.monotonic()
             if now + delay > self.deadline:
                 raise NotReady(f"no answer within the deadline ({self.deadline_s:g} s) after "
                                f"{now - first:.1f} s and {attempts} attempt(s); last: {last}")
-            await asyncio.sleep(delay)
+            pause = delay
+            if self._unreachable_since is not None:  # try once more as the grace ends
+                pause = min(delay, max(0.0, self._unreachable_since + UNREACHABLE_GRACE - now))
+            await asyncio.sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF)
+
+    def _give_up_if_unreachable(self, why: str | None) -> None:
+        """Raise Unreachable once a non-Modal URL has refused (or not resolved) for the grace
+        period; any other outcome starts the count again."""
+        if why is None or self.is_modal:
+            self._unreachable_since = None
+            return
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        if now - self._unreachable_since < UNREACHABLE_GRACE:
+            return
+        parts, waited = urlsplit(self.base_url), now - self._unreachable_since
+        if why == "connection refused":
+            raise Unreachable(
+                f"{self.base_url}: connection refused for {waited:.0f} s: nothing listens at "
+                f"{parts.netloc}. Check the URL; a vLLM server still loading its model refuses "
+                "connections until it is ready: run this again once it listens")
+        raise Unreachable(f"{self.base_url}: the name {parts.hostname} did not resolve for "
+                          f"{waited:.0f} s; check the URL")
 
 
 # ## Verifying structured outputs client-side
@@ -596,8 +667,9 @@ class Target:
 
 def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | None,
                    base_url: str | None, api_key: str | None, deadline_s: float | None,
-                   environment: str | None = None) -> Target:
-    """The app's models (or the one named), and its URL: `--base-url`, else Modal's lookup."""
+                   environment: str | None = None, require_key: bool = False) -> Target:
+    """The app's models (or the one named), and its URL: `--base-url`, else Modal's lookup.
+    Every usage error (`require_key`: a missing key) comes before that lookup."""
     served = [p.model for p in app.pools]
     if not served:
         raise config.UsageError(f"{app.name} serves no model: none fits on {app.gpu.modal_gpu} "
@@ -609,6 +681,9 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
             raise config.UsageError(f"{app.name} does not serve '{test_model}'; it serves "
                                     f"{', '.join(m.key for m in served) or 'nothing'}")
         models = [model]
+    if require_key and not api_key:
+        raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
+                                "VLLM_API_KEY")
     if base_url is None:
         import cloud  # the Modal lookup: imported only when no --base-url is given
 
@@ -618,8 +693,9 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
                   DEFAULT_DEADLINE if deadline_s is None else deadline_s, matrix.defaults)
 
 
-async def run_suite(target: Target, on_result=None) -> list[CheckResult]:
-    """Every check against the target; models are checked in parallel, checks in order."""
+async def run_suite(target: Target, on_result=None, on_wait=None) -> list[CheckResult]:
+    """Every check against the target; models are checked in parallel, checks in order.
+    `on_wait` is the Endpoint's (why the last try failed, while it retries)."""
     results: list[CheckResult] = []
 
     def record(result: CheckResult) -> CheckResult:
@@ -630,7 +706,7 @@ async def run_suite(target: Target, on_result=None) -> list[CheckResult]:
 
     wrong_key = "wrong-" + secrets.token_hex(8)
     first = target.models[0]
-    async with target.endpoint() as endpoint:
+    async with target.endpoint(on_wait=on_wait) as endpoint:
         record(await _run_check(endpoint, "health", "", check_health))
         record(await _run_check(endpoint, "auth.no-key", "", _check_auth, first, None))
         record(await _run_check(endpoint, "auth.wrong-key", "", _check_auth, first, wrong_key))
@@ -682,9 +758,44 @@ def progress():
         TimeElapsedColumn,
     )
 
+    console = _console(stderr=True)
+    # Not on a terminal, no bar at all: rich would end it with an empty line on stderr.
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True),
-                    transient=True)
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                    transient=True, disable=not console.is_terminal)
+
+
+class WaitNotes:
+    """Why the endpoint does not answer yet, shown while the client waits (an Endpoint's
+    `on_wait`): beside the progress bar's description on a terminal; otherwise one line on
+    stderr when the reason changes, or when a minute has passed without another line;
+    never a line per retry."""
+
+    REPEAT_S = 60.0  # seconds: piped, the same reason again only after this long
+
+    def __init__(self, bar, task, what: str):
+        self.bar, self.task, self.what = bar, task, what
+        self.started = time.monotonic()
+        self.printed: tuple[str, float] | None = None  # (reason, when) of the last line
+
+    def show(self, what: str) -> None:
+        """What is being done now (a reason shown later follows it)."""
+        self.what = what
+        self.bar.update(self.task, description=what)
+
+    def __call__(self, reason: str) -> None:
+        from rich.markup import escape
+
+        if self.bar.console.is_terminal:
+            self.bar.update(self.task, description=f"{self.what} [dim]waiting: "
+                                                   f"{escape(_clip(reason, 60))}[/dim]")
+            return
+        now = time.monotonic()
+        if self.printed and self.printed[0] == reason and now - self.printed[1] < self.REPEAT_S:
+            return
+        self.printed = (reason, now)
+        self.bar.console.print(f"waiting ({now - self.started:.0f} s so far): {escape(reason)}",
+                               soft_wrap=True)
 
 
 def table(title: str, columns: tuple[str, ...], *, wrap: str = "reason"):
@@ -717,13 +828,16 @@ def _mask(target: Target) -> str:
 def run_conformance(target: Target, *, as_json: bool) -> int:
     """`--test-gpu` / `--test`: run the suite, print a table (or JSON); exit code 0 if all pass."""
     with progress() as bar:
-        task = bar.add_task(f"testing {target.app.name}", total=planned_checks(target.models))
+        what = f"testing {target.app.name}"
+        task = bar.add_task(what, total=planned_checks(target.models))
+        notes = WaitNotes(bar, task, what)
 
         def advance(result: CheckResult) -> None:
             where = f" {result.model}" if result.model else ""
-            bar.update(task, advance=1, description=f"{result.check}{where}")
+            bar.update(task, advance=1)
+            notes.show(f"{result.check}{where}")
 
-        results = asyncio.run(run_suite(target, advance))
+        results = asyncio.run(run_suite(target, advance, notes))
     passed = all(r.passed for r in results)
     waits = cold_starts(results)
     if as_json:
@@ -838,13 +952,14 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
     async def run() -> tuple[list[Wake], tuple[int, int] | None]:
         async with target.endpoint() as endpoint:
             with progress() as bar:
-                task = bar.add_task(f"waking {len(target.models)} model(s) of "
-                                    f"{target.app.name}", total=len(target.models))
+                what = f"waking {len(target.models)} model(s) of {target.app.name}"
+                task = bar.add_task(what, total=len(target.models))
+                endpoint.on_wait = notes = WaitNotes(bar, task, what)
 
                 async def one(model):
                     w = await wake(endpoint, model)
-                    bar.update(task, advance=1, description=f"{model.key} ready" if w.ok else
-                               f"{model.key} failed")
+                    bar.update(task, advance=1)
+                    notes.show(f"{model.key} ready" if w.ok else f"{model.key} failed")
                     return w
 
                 woken = list(await asyncio.gather(*(one(m) for m in target.models)))
@@ -854,6 +969,7 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
                 _say_keep_warm(target, keep_warm_s, interval)
             with progress() as bar:
                 task = bar.add_task("keeping warm", total=keep_warm_s)
+                endpoint.on_wait = WaitNotes(bar, task, "keeping warm")
                 started = time.monotonic()
 
                 def tick():

@@ -131,6 +131,7 @@ except Exception as exc:  # only modal's InvalidError is expected here
                                 "remove it, then run `uv run modal token new`") from exc
 
 import gpu_pool  # imports modal itself
+import modal_connection
 import pool_state
 
 
@@ -209,7 +210,8 @@ def translate(exc: BaseException, doing: str, *, building: bool = False) -> conf
 
 
 def require_credentials() -> None:
-    """A Modal token (env MODAL_TOKEN_ID/SECRET, or the active profile of ~/.modal.toml), offline.
+    """A Modal token (env MODAL_TOKEN_ID/SECRET, or the active profile of ~/.modal.toml), offline;
+    with one, the connection to Modal is opened (connect) before any other call.
 
     Modal itself would only notice at the first RPC, after the apps were built.
     """
@@ -219,11 +221,34 @@ def require_credentials() -> None:
         return all(settings.get(key) for key in keys)
 
     if present("token_id", "token_secret") or present("oauth_refresh_token", "oauth_client_id"):
+        connect()
         return
     raise NotAuthenticatedError(
         "not logged in to Modal (no token in MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or "
         f"{modal.config.user_config_path}); run `uv run modal token new`"
     )
+
+
+_connected = False
+
+
+def connect() -> None:
+    """Open the SDK's connection to Modal once, before the first call, saying what it waits
+    for when that takes long and giving up at once when no retry can help (exit 5), instead
+    of a silent minute (modal_connection.py has the why and the how)."""
+    global _connected
+    if _connected:
+        return
+    server_url = modal.config.config["server_url"]
+    try:
+        modal_connection.open_client(modal.Client.from_env, server_url)
+    except modal_connection.Hopeless as exc:
+        where = " (set by MODAL_SERVER_URL)" if os.environ.get("MODAL_SERVER_URL") else ""
+        raise ModalUnreachableError(f"cannot reach Modal{where}: {exc}; check the network "
+                                    "connection and retry") from exc
+    except Exception as exc:
+        raise translate(exc, "connecting to Modal") from exc
+    _connected = True
 
 
 def check_fits(apps: list[plan.App]) -> None:
@@ -525,6 +550,8 @@ def deploy_command(matrix: config.Matrix, apps: list[plan.App], *, environment: 
 
     err = _console(stderr=True)
     out = _console()
+    check_fits(apps)  # offline first; then connecting, which shows its own wait if any
+    require_credentials()
     with err.status("Preflight: credentials, Secrets, endpoints…"):
         preflight(matrix, apps, environment=environment,
                   ignore_endpoint_limit=ignore_endpoint_limit)
@@ -652,6 +679,7 @@ def status_command(matrix: config.Matrix, *, environment: str | None, as_json: b
 
     from rich.table import Table
 
+    require_credentials()  # before the spinner below: connecting shows its own wait if any
     with _console(stderr=True).status("Asking Modal which apps are deployed…"):
         rows = status(matrix, environment)
     if as_json:

@@ -10,32 +10,38 @@ errors to exit codes. `--list`, `--dry-run` and `--help` never import modal.
 import json
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
+import command_line
 import config
 import fast_options
 
+# The help's epilog: every line fits an 80-column terminal (a test checks), so that none
+# wraps mid-example.
 EXAMPLES = """
 [bold]Examples[/bold]
 
-  uv run deploy.py --list                      the matrix: models x GPUs, fits, prices
-  uv run deploy.py --all --dry-run             what would be deployed, offline
-  uv run deploy.py --gpu h100                  deploy vllm-h100 (serves every model)
-  uv run deploy.py --test-gpu h100             conformance suite against it
+  uv run deploy.py --list                   models x GPUs: fits, prices
+  uv run deploy.py --all --dry-run          what would be deployed, offline
+  uv run deploy.py --gpu h100               deploy vllm-h100 (every model)
+  uv run deploy.py --test-gpu h100          conformance suite against it
+  uv run deploy.py --status                 what is deployed and running
+  uv run deploy.py --stop all               stop every app (asks first)
+  uv run deploy.py --url h100 --format env  LLM_BASE_URL=, LLM_API_KEY= lines
+  uv run deploy.py --litellm-config         litellm_config.yaml for the proxy
   export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1
-  uv run deploy.py --status                    what is deployed and running
-  uv run deploy.py --stop all                  stop every app (asks first)
-  uv run deploy.py --url h100 --format env     LLM_BASE_URL= and LLM_API_KEY= for a .env
-  uv run deploy.py --litellm-config            write litellm_config.yaml (docker compose up)
 
-[bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml,
-  4 not authenticated with Modal, 5 Modal unreachable, 6 Modal Secret or LoRA adapter missing,
-  7 limit reached (endpoints, quota), 8 build or deploy failed,
-  9 the local gateway cannot listen
+[bold]Exit codes[/bold]
+  0 ok                               5 Modal unreachable
+  1 failed                           6 Modal Secret or LoRA adapter missing
+  2 usage error                      7 limit reached (endpoints, quota)
+  3 invalid models.yaml              8 build or deploy failed
+  4 not authenticated with Modal     9 the local gateway cannot listen
 """
 
 MATRIX = "Matrix"
@@ -67,12 +73,7 @@ def _console(stderr: bool = False):
 
 
 def _fail(exc: config.UserError) -> typer.Exit:
-    from rich.markup import escape
-
-    console = _console(stderr=True)
-    for line in str(exc).splitlines() or ["unknown error"]:
-        # One problem, one line (never wrapped); user text such as "[x]" is not markup.
-        console.print(f"[bold red]Error:[/bold red] {escape(line)}", soft_wrap=True)
+    command_line.print_error(str(exc))  # one problem, one line, as click's usage errors
     return typer.Exit(code=exc.exit_code)
 
 
@@ -154,36 +155,43 @@ def _tokens(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
+def _cell_lines(cell: dict) -> str:
+    """One cell of the --list table, one short fact per line (the table fits 80 columns)."""
+    if not cell["fits"]:
+        return "[red]no fit[/red]"  # the reason is printed under the table
+    count = cell["gpu_count"]
+    return (f"{count} GPU{'s' if count > 1 else ''}\n${cell['usd_per_hour']:.2f}/h\n"
+            f"{_tokens(cell['kv_cache_tokens'])} tok")
+
+
 def show_matrix(matrix: config.Matrix) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     data = matrix_data(matrix)
     console = _console()
-    table = Table(title=f"Models x GPUs ({matrix.path.name})", title_justify="left")
+    # Titles are printed apart from their tables: rich pads a table's title to the table's
+    # width, which leaves trailing blanks on every copy of the output.
+    console.print(f"Models x GPUs ({escape(matrix.path.name)}): per replica, GPUs (tensor "
+                  "parallel),\n$/hour while it runs, and tokens of KV cache beside the weights")
+    table = Table()
     table.add_column("model", no_wrap=True)
     for gpu in matrix.gpus.values():
-        table.add_column(f"{gpu.key}\n{gpu.vram_gb:g} GB", justify="center")
+        table.add_column(f"{gpu.key}\n{gpu.vram_gb:g} GB", justify="center", no_wrap=True)
     for key, model in data["models"].items():
-        cells = []
-        for cell in model["cells"].values():
-            if cell["fits"]:
-                cells.append(f"{cell['gpu_count']}× ${cell['usd_per_hour']:.2f}/h\n"
-                             f"{_tokens(cell['kv_cache_tokens'])} tok")
-            else:
-                cells.append("[red]does not fit[/red]")
-        table.add_row(f"[bold]{key}[/bold]", *cells)
+        table.add_row(f"[bold]{key}[/bold]", *map(_cell_lines, model["cells"].values()))
     console.print(table)
-    console.print("Each cell: GPUs per replica (tensor parallel) and $/hour per running "
-                  "replica; tokens of KV cache that fit beside the weights.")
-    console.print(_price_note(matrix), soft_wrap=True)
+    # The price note wrapped here, not by rich, so a copy of the output has no ragged
+    # padding; 80 columns like the tables.
+    console.print(textwrap.fill(_price_note(matrix), 80), soft_wrap=True)
     for key, model in data["models"].items():
         for gpu_key, cell in model["cells"].items():
             if not cell["fits"]:
-                console.print(f"[red]{key} on {gpu_key}:[/red] {escape(cell['reason'])}",
-                              soft_wrap=True)
+                console.print(f"[red]{key} on {gpu_key} does not fit:[/red] "
+                              f"{escape(cell['reason'])}", soft_wrap=True)
 
-    apps = Table(title="GPU-based apps (one web endpoint each)", title_justify="left")
+    console.print("GPU-based apps, one web endpoint each")
+    apps = Table()
     apps.add_column("app", no_wrap=True)
     apps.add_column("endpoint", no_wrap=True)
     apps.add_column("models")
@@ -378,19 +386,17 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
         if not o.test_model and len(app.pools) != 1:
             raise config.UsageError(f"--bench needs --test-model NAME: {app.name} serves "
                                     f"{', '.join(p.model.key for p in app.pools)}")
+    keep_warm_s = config.parse_duration(o.keep_warm) if o.keep_warm else None
     target = checks.resolve_target(
         matrix, app, test_model=o.test_model, base_url=o.base_url,
         api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
         deadline_s=config.parse_duration(o.deadline) if o.deadline else None,
-        environment=o.environment)
+        environment=o.environment, require_key=bool(o.test_gpu or o.test))
     if o.test_gpu or o.test:
-        if not target.api_key:
-            raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
-                                    "VLLM_API_KEY")
         code = checks.run_conformance(target, as_json=o.as_json)
     elif o.warm:
         code = checks.warm_endpoint(
-            target, keep_warm_s=config.parse_duration(o.keep_warm) if o.keep_warm else None,
+            target, keep_warm_s=keep_warm_s,
             scaledown_window_s=matrix.defaults.scaledown_window_seconds, as_json=o.as_json)
     else:
         code = benchmark.run_bench(
@@ -438,9 +444,7 @@ def _url(matrix: config.Matrix, o) -> None:
     import cloud
     import exports
 
-    chosen = (o.fmt or ("json" if o.as_json else "url")).strip().lower()
-    if chosen not in exports.FORMATS:
-        raise config.UsageError(f"--format '{o.fmt}': choose one of {', '.join(exports.FORMATS)}")
+    chosen = (o.fmt or ("json" if o.as_json else "url")).strip().lower()  # checked: VALUES
     if o.as_json and chosen != "json":
         raise config.UsageError(f"--json and --format {chosen} disagree; choose one")
     key = None
@@ -522,6 +526,22 @@ MODIFIERS = {  # parameter -> the actions it goes with
 }
 
 
+# Every option's value, checked in one place before anything slow (the matrix, Modal, the
+# network): the problem as one line, or None. Names (GPU and model keys, --test-model) are
+# checked against the matrix by the actions, offline, before any lookup; --host and --port
+# by --serve-local.
+VALUES = {
+    "deadline": command_line.duration_above_zero,
+    "keep_warm": command_line.duration_above_zero,
+    **dict.fromkeys(LOAD_OPTIONS, command_line.at_least_one),
+    "max_ttft_ms": command_line.above_zero, "max_tpot_ms": command_line.above_zero,
+    "results_dir": command_line.directory_or_new,
+    "base_url": command_line.http_url, "api_key": command_line.not_empty,
+    "test_model": command_line.not_empty, "environment": command_line.not_empty,
+    "fmt": command_line.one_of("url", "env", "json"),  # exports.FORMATS (not imported here)
+}
+
+
 def _flag(ctx: typer.Context, name: str) -> str:
     return next(p.opts[0] for p in ctx.command.params if p.name == name)
 
@@ -534,12 +554,12 @@ def _chosen_action(ctx: typer.Context) -> str:
     """The one action of this call; a missing one or two of them is a usage error (exit 2)."""
     chosen = [name for name in ACTIONS if ctx.params[name]]
     if len(chosen) != 1:
-        what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
-                "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
-                "--test MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, "
-                "--upload-adapter, --litellm-config" if not chosen
-                else f"choose one of {', '.join(_flag(ctx, n) for n in chosen)}")
-        raise typer.BadParameter(what, param_hint="action")
+        raise config.UsageError(
+            "choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
+            "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
+            "--test MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, "
+            "--upload-adapter, --litellm-config (--help shows them all)" if not chosen
+            else f"choose one of {', '.join(_flag(ctx, n) for n in chosen)}")
     return chosen[0]
 
 
@@ -554,11 +574,20 @@ def _check_modifiers(ctx: typer.Context, action: str) -> None:
                                     f"not {_flag(ctx, action)}")
 
 
-@cli.command(epilog=EXAMPLES, help="Deploy, test and operate vLLM endpoints on Modal.")
+def _check_values(ctx: typer.Context) -> None:
+    for name, check in VALUES.items():
+        value = ctx.params[name]
+        problem = None if value is None else check(_flag(ctx, name), value)
+        if problem:
+            raise config.UsageError(problem)
+
+
+@cli.command(cls=command_line.Command, epilog=EXAMPLES,
+             help="Deploy, test and operate vLLM endpoints on Modal.")
 def main(
     ctx: typer.Context,
     list_: Annotated[bool, typer.Option(
-        "--list", help="Show the matrix: models x GPUs, fits, prices, endpoints.",
+        "--list", help="Show models x GPUs: fits, prices, endpoints.",
         rich_help_panel=MATRIX)] = False,
     gpu: Annotated[str | None, typer.Option(
         "--gpu", metavar="KEY", help="Deploy the app for one GPU type (e.g. h100).",
@@ -693,9 +722,10 @@ def main(
         "--config", metavar="PATH", help="Matrix file to read.", envvar="MODAL_VLLM_CONFIG",
         rich_help_panel=OUTPUT)] = config.DEFAULT_PATH,
 ) -> None:
-    action = _chosen_action(ctx)
     try:
+        action = _chosen_action(ctx)
         _check_modifiers(ctx, action)
+        _check_values(ctx)
         matrix = config.load(config_path)
         ACTIONS[action](matrix, SimpleNamespace(**ctx.params))
     except config.UserError as exc:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import typer
 
+EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+            Path: "a path"}  # what a value that does not convert should have been
 _TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off", ""}
 
 
@@ -50,9 +52,8 @@ def install() -> None:
                 try:
                     return converters[kind](item)
                 except (TypeError, ValueError):
-                    raise typer.BadParameter(
-                        f"{item!r} is not a valid {kind.__name__}", ctx=ctx, param=param
-                    ) from None
+                    raise typer.BadParameter(f"expected {EXPECTED[kind]}, not {item!r}",
+                                             ctx=ctx, param=param) from None
 
             kinds, origin = item_types(self.annotation), typing.get_origin(self.annotation)
             if origin is list:

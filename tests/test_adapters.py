@@ -410,6 +410,9 @@ def test_upload_puts_every_file_under_the_declared_path(tmp_path):
 def credentials(monkeypatch):
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    import modal
+
+    monkeypatch.setattr(modal.Client, "from_env", lambda: None)  # cloud.connect: it opens
 
 
 def run(*args: str):

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import pytest
 from servers import ROOT_DIR, ProcessServer, ThreadServer, free_port
 from standin import StandIn, from_grammar, standin_server
@@ -243,6 +246,19 @@ def test_bench_usage_errors_come_before_the_modal_lookup(monkeypatch, args, mess
     assert message in result.output
 
 
+def test_a_missing_key_is_said_before_the_modal_lookup(monkeypatch):
+    import cloud
+
+    def lookup(*a, **k):
+        raise AssertionError("looked up on Modal before checking the command line")
+
+    monkeypatch.setattr(cloud, "endpoint_url", lookup)
+    result = run("--test-gpu", "h100")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == ("Error: the suite needs the endpoint's key: --api-key KEY or "
+                             "VLLM_API_KEY\n")
+
+
 @pytest.mark.parametrize("action", ["--test-gpu", "--warm"])
 def test_an_app_that_serves_no_model_is_a_usage_error(tmp_path, action):
     tiny = tmp_path / "models.yaml"
@@ -360,11 +376,120 @@ def test_modal_303_redirects_are_followed_to_the_result():
     assert app.seen == [("POST", "/v1/completions"), ("GET", "/result/fc-1")]
 
 
-def test_nothing_listening_is_retried_until_the_deadline():
+def test_nothing_listening_is_retried_until_a_shorter_deadline():
     started = time.monotonic()
-    with pytest.raises(checks.NotReady, match=r"deadline \(1 s\).*connection failed"):
-        asyncio.run(_send(f"http://127.0.0.1:{free_port()}", "GET", "/health", deadline=1))
+    port = free_port()
+    with pytest.raises(checks.NotReady, match=rf"deadline \(1 s\).*last: connection refused "
+                                              rf"\(127.0.0.1:{port}\)"):
+        asyncio.run(_send(f"http://127.0.0.1:{port}", "GET", "/health", deadline=1))
     assert 0.5 < time.monotonic() - started < 3
+
+
+def test_a_refusing_url_that_is_not_modal_fails_after_the_grace(monkeypatch):
+    """Long before the deadline, with the reason; every failed try was reported on the way."""
+    monkeypatch.setattr(checks, "UNREACHABLE_GRACE", 1.0)
+    port, seen = free_port(), []
+
+    async def send():
+        async with checks.Endpoint(f"http://127.0.0.1:{port}", "k", deadline_s=600,
+                                   on_wait=seen.append) as endpoint:
+            return await endpoint.send("GET", "/health")
+
+    started = time.monotonic()
+    with pytest.raises(checks.Unreachable) as caught:
+        asyncio.run(send())
+    took = time.monotonic() - started
+    assert 1.0 <= took < 10, took  # the grace, not the next doubling of the backoff (2 s)
+    assert str(caught.value) == (
+        f"http://127.0.0.1:{port}: connection refused for 1 s: nothing listens at "
+        f"127.0.0.1:{port}. Check the URL; a vLLM server still loading its model refuses "
+        "connections until it is ready: run this again once it listens")
+    assert caught.value.exit_code == 1
+    assert len(seen) >= 2 and set(seen) == {f"connection refused (127.0.0.1:{port})"}
+
+
+def test_a_name_that_does_not_resolve_fails_after_the_grace(monkeypatch):
+    monkeypatch.setattr(checks, "UNREACHABLE_GRACE", 0.5)
+    with pytest.raises(checks.Unreachable, match=r"^http://no-such-host\.invalid:8000: the name "
+                                                 r"no-such-host\.invalid did not resolve for "):
+        asyncio.run(_send("http://no-such-host.invalid:8000", "GET", "/health", deadline=600))
+
+
+def test_a_modal_endpoint_that_refuses_is_retried_until_the_deadline(monkeypatch):
+    """Modal's proxy never refuses while a container starts, so a refusal there (a network
+    that drops and comes back) is waited for like any cold start. httpx's transport raises
+    what httpcore raises for a refused socket: ConnectError('[Errno 111] Connection
+    refused')."""
+    monkeypatch.setattr(checks, "UNREACHABLE_GRACE", 0.2)
+
+    def refuse(request):
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    async def send():
+        async with checks.Endpoint("https://ws--vllm-h100-serve.modal.run", "k",
+                                   deadline_s=1.5) as endpoint:
+            await endpoint.client.aclose()
+            endpoint.client = httpx.AsyncClient(base_url=endpoint.base_url,
+                                                transport=httpx.MockTransport(refuse))
+            return await endpoint.send("GET", "/health")
+
+    with pytest.raises(checks.NotReady, match=r"deadline \(1.5 s\).*last: connection refused "
+                                              r"\(ws--vllm-h100-serve.modal.run\)"):
+        asyncio.run(send())
+
+
+def test_a_server_that_starts_listening_within_the_grace_is_waited_for(monkeypatch):
+    """A socket bound but not yet listening refuses, as a restarting server does; it starts
+    listening after 0.5 s and answers."""
+    monkeypatch.setattr(checks, "UNREACHABLE_GRACE", 10.0)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+
+    def listen_later():
+        time.sleep(0.5)
+        sock.listen()
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: 2\r\nconnection: close\r\n\r\n{}")
+
+    thread = threading.Thread(target=listen_later, daemon=True)
+    thread.start()
+    try:
+        answer = asyncio.run(_send(f"http://127.0.0.1:{sock.getsockname()[1]}", "GET",
+                                   "/health", deadline=60))
+    finally:
+        thread.join(timeout=10)
+        sock.close()
+    assert answer.status == 200 and answer.attempts >= 2 and answer.waited >= 0.4
+
+
+def test_piped_the_cli_says_why_it_waits_once_not_per_retry_then_fails(monkeypatch):
+    monkeypatch.setattr(checks, "UNREACHABLE_GRACE", 1.0)
+    port = free_port()
+    started = time.monotonic()
+    result = run("--warm", "h100", "--base-url", f"http://127.0.0.1:{port}", "--api-key", KEY)
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"waiting (0 s so far): connection refused (127.0.0.1:{port})",
+        (f"Error: http://127.0.0.1:{port}: connection refused for 1 s: nothing listens at "
+         f"127.0.0.1:{port}. Check the URL; a vLLM server still loading its model refuses "
+         "connections until it is ready: run this again once it listens")]
+
+
+def test_piped_a_cold_start_prints_each_new_reason_once(matrix):
+    upstream = standin(ready_after=1.5)  # refuses connections until then: the gateway's 503
+    with gateway_before(matrix, upstream) as url:
+        result = run("--warm", "h100", "--test-model", "gemma-3-12b", "--base-url", url,
+                     "--api-key", KEY)
+    assert result.exit_code == 0, result.output
+    waits = [line for line in result.stderr.splitlines() if line.startswith("waiting")]
+    assert [w.split(": ", 1)[1] for w in waits] == [
+        "HTTP 503: backend for 'google/gemma-3-12b-it' is starting or down: connection refused"], \
+        result.stderr
 
 
 # ## Client-side verifiers

@@ -57,7 +57,7 @@ def ok(*args: str):
 def test_list_shows_the_matrix_apps_and_endpoint_counts():
     out = ok("--list")
     for fragment in [
-        "Models x GPUs (models.yaml)",
+        "Models x GPUs (models.yaml): per replica, GPUs (tensor parallel),",
         "GPU-based: 5 endpoints, within Modal's Starter limit of 8",
         "Legacy: 15 endpoints, exceeds Modal's Starter limit of 8",
         "Legacy apps are named vllm-<model>-<gpu>, e.g. vllm-gemma-3-12b-l40s",
@@ -70,14 +70,31 @@ def test_list_shows_the_matrix_apps_and_endpoint_counts():
         assert model in out, out
     # gemma-3-27b: two L40S ($3.90/h of GPUs + $0.40/h for the 5 cores and 20 GiB its
     # replica reserves), 170k tokens of KV cache; one GPU elsewhere (test_config.py).
-    assert "2× $4.30/h" in out, out
-    assert "170k tok" in out, out
-    assert "1× $2.80/h" in out, out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert rows[3:6] == [
+        "│ gemma-3-27b  │  2 GPUs  │  1 GPU   │  1 GPU   │  1 GPU   │  1 GPU   │",
+        "│              │ $4.30/h  │ $2.80/h  │ $4.25/h  │ $4.84/h  │ $6.55/h  │",
+        "│              │ 170k tok │ 98k tok  │ 45k tok  │ 209k tok │ 207k tok │",
+    ], out
     assert ("$/hour = GPUs + the CPU and memory each replica reserves (Modal bills both; "
             "$0.04716/core, $0.007992/GiB per hour, read 2026-06-27), e.g. gemma-3-12b on "
             "l40s: $1.95 GPU + $0.19 CPU (4 cores) + $0.11 memory (14 GiB). GPU apps add "
             "$0.06/h for their CPU router while up.") in " ".join(out.split()), out
-    assert "does not fit" not in out, out
+    assert "no fit" not in out, out
+
+
+def _readme_block(starting: str) -> str:
+    """The fenced block of README.md whose first line starts with `starting`."""
+    blocks = re.findall(r"^```\n(.*?)^```$", (ROOT / "README.md").read_text(),
+                        re.MULTILINE | re.DOTALL)
+    return next(b for b in blocks if b.startswith(starting))
+
+
+def test_list_fits_80_columns_and_the_readme_shows_it_as_it_is():
+    out = ok("--list")
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert all(line == line.rstrip() for line in out.splitlines()), out
+    assert _readme_block("Models x GPUs (models.yaml)") == out
 
 
 def test_list_json_has_every_cell_with_gpu_string_and_headroom():
@@ -133,9 +150,9 @@ def huge_config(tmp_path) -> Path:
 def test_list_marks_a_cell_that_cannot_fit_with_its_reason(huge_config):
     out = ok("--list", "--config", str(huge_config))
     assert "(huge.yaml)" in out, out
-    assert "does not fit" in out, out
-    assert ("huge on l40s: needs 1886.8 GiB at max_model_len 4096, "
-            "more than 8 x 48 GB x 0.92 allows") in out, out
+    assert "│ huge  │  no fit   │" in out.splitlines(), out
+    assert ("huge on l40s does not fit: needs 1886.8 GiB at max_model_len 4096, "
+            "more than 8 x 48 GB x 0.92 allows") in out.splitlines(), out
     assert "GPU-based: 1 endpoints" in out, out
     assert "Legacy: 1 endpoints, within Modal's Starter limit of 8" in out, out
 
@@ -231,27 +248,119 @@ def test_dry_run_json_carries_the_argv_and_costs():
 # ## Usage errors (exit 2), config errors (exit 3)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--list", "--all"], "Invalid value for action: choose one of --list, --all"),
+NO_ACTION = ("Error: choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; or "
+             "operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, --test "
+             "MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, --upload-adapter, "
+             "--litellm-config (--help shows them all)")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--list", "--all"], "Error: choose one of --list, --all"),
     (["--gpu", "h100", "--model", "gemma-3-12b-h100", "--dry-run"],
-     "Invalid value for action: choose one of --gpu, --model"),
-    ([], "Invalid value for action: choose one action: --list, --gpu KEY, --all or"),
-    (["--dry-run"], "Invalid value for action: choose one action"),
-    (["--list", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model"),
+     "Error: choose one of --gpu, --model"),
+    ([], NO_ACTION),
+    (["--dry-run"], NO_ACTION),
+    (["--list", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model, not --list"),
     (["--gpu", "a10g", "--dry-run"],
      "Error: unknown GPU 'a10g'; valid GPU keys: l40s, a100, h100, h200, b200"),
     (["--model", "llama-3-h100", "--dry-run"],
      ("Error: unknown model-GPU key 'llama-3-h100'; expected <model>-<gpu> with models "
-     "gemma-3-12b, gemma-3-27b, qwen3-vl-30b and GPUs l40s, a100, h100, h200, b200")),
-    (["--model", "gemma-3-12b", "--dry-run"], "Error: unknown model-GPU key 'gemma-3-12b'"),
-    (["--gpu", "[/red]", "--dry-run"], "Error: unknown GPU '[/red]'; valid GPU keys:"),
-    (["--list", "--colour"], "No such option: --colour"),
+     "gemma-3-12b, gemma-3-27b, qwen3-vl-30b and GPUs l40s, a100, h100, h200, b200 (e.g. "
+     "gemma-3-12b-l40s, gemma-3-12b-a100, gemma-3-12b-h100, gemma-3-12b-h200, "
+     "gemma-3-12b-b200)")),
+    (["--gpu", "[/red]", "--dry-run"],
+     "Error: unknown GPU '[/red]'; valid GPU keys: l40s, a100, h100, h200, b200"),
+    # click's own errors, each as one line naming the option as typed
+    (["--list", "--colour"], "Error: unknown option --colour; did you mean --url?"),
+    (["--list", "--jsn"], "Error: unknown option --jsn; did you mean --env, --json or --yes?"),
+    (["--list", "--zzzzz"], "Error: unknown option --zzzzz (--help lists them)"),
+    (["--gpu"], "Error: --gpu needs a value (KEY)"),
+    (["--upload-adapter", "gemma-3-12b", "x"],
+     "Error: --upload-adapter needs 3 values (MODEL NAME DIR)"),
+    (["--bench", "h100", "--requests", "many"],
+     "Error: --requests: expected a whole number, not 'many'"),
+    (["--bench", "h100", "--max-ttft-ms", "fast"],
+     "Error: --max-ttft-ms: expected a number, not 'fast'"),
+    (["--list=yes"], "Error: --list is a flag: it takes no value"),
+    (["--list", "true"],
+     "Error: unexpected argument 'true': every value follows its option (--help lists them)"),
 ])
-def test_usage_errors_exit_2(args, message):
+def test_usage_errors_are_one_line_on_stderr_exit_2(args, line):
     result = run(*args)
     assert result.exit_code == 2, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output, result.output
+    assert result.stderr == line + "\n", result.stderr
+    assert result.stdout == "", result.stdout
+
+
+# ## Every value checked before anything slow
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--warm", "h100", "--deadline", "0"], "Error: --deadline must be longer than 0, not '0'"),
+    (["--test-gpu", "h100", "--api-key", "k", "--deadline", "0.0m"],
+     "Error: --deadline must be longer than 0, not '0.0m'"),
+    (["--warm", "h100", "--deadline", "soon"],
+     "Error: --deadline: cannot read duration 'soon'; use e.g. 90s, 15m or 2h"),
+    (["--warm", "h100", "--keep-warm", "-1h"],
+     "Error: --keep-warm: cannot read duration '-1h'; use e.g. 90s, 15m or 2h"),
+    (["--warm", "h100", "--keep-warm", "0m"], "Error: --keep-warm must be longer than 0, not '0m'"),
+    (["--bench", "h100", "--max-ttft-ms", "-1"],
+     "Error: --max-ttft-ms must be a number above 0, not -1"),
+    (["--bench", "h100", "--max-tpot-ms", "nan"],
+     "Error: --max-tpot-ms must be a number above 0, not nan"),
+    (["--bench", "h100", "--max-tpot-ms", "inf"],
+     "Error: --max-tpot-ms must be a number above 0, not inf"),
+    (["--bench", "h100", "--concurrency", "0"], "Error: --concurrency must be at least 1, not 0"),
+    (["--bench", "h100", "--requests", "-5"], "Error: --requests must be at least 1, not -5"),
+    (["--bench", "h100", "--input-len", "0"], "Error: --input-len must be at least 1, not 0"),
+    (["--bench", "h100", "--output-len", "0"], "Error: --output-len must be at least 1, not 0"),
+    (["--bench", "h100", "--results-dir", str(ROOT / "README.md")],
+     f"Error: --results-dir {ROOT / 'README.md'}: exists and is not a directory"),
+    (["--test-gpu", "h100", "--base-url", "ftp://x"],
+     "Error: --base-url 'ftp://x': expected an http(s):// URL"),
+    (["--warm", "h100", "--base-url", "localhost:8000"],
+     "Error: --base-url 'localhost:8000': expected an http(s):// URL"),
+    (["--test-gpu", "h100", "--base-url", "http://x:99999"],
+     "Error: --base-url 'http://x:99999': not a valid URL (Port out of range 0-65535)"),
+    (["--test-gpu", "h100", "--api-key", ""], "Error: --api-key is empty"),
+    (["--warm", "h100", "--test-model", " "], "Error: --test-model is empty"),
+    (["--url", "h100", "--format", "yaml"], "Error: --format 'yaml': choose one of url, env, json"),
+    (["--status", "--env", " "], "Error: --env is empty"),
+])
+def test_every_value_is_checked_before_anything_slow(monkeypatch, args, line):
+    """With a Modal token set and modal unimportable: a check that came after the token
+    check or a lookup would fail otherwise than with its own line and exit 2."""
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-testtokenid0001")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-testtokensecret0002")
+    for module in ("modal", "cloud"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import modal` raises ImportError
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == line + "\n", result.stderr
+
+
+# Valued options whose values are checked elsewhere, offline, before any lookup: the keys
+# against the matrix, --upload-adapter's directory by adapters.py, --workspace by exports.py,
+# --config by loading it, --output by writing it, and --serve-local's by the local gateway.
+CHECKED_ELSEWHERE = {"gpu", "model", "url", "stop", "test_gpu", "test", "warm", "bench",
+                     "upload_adapter", "workspace", "config_path", "output",
+                     "upstream", "host", "port"}
+
+
+def test_every_valued_option_has_its_check():
+    import typer.main
+
+    valued = {p.name for p in typer.main.get_command(deploy.cli).params
+              if not getattr(p, "is_flag", False)}
+    assert valued - set(deploy.VALUES) == CHECKED_ELSEWHERE
+    assert set(deploy.VALUES) <= valued
+
+
+def test_format_choices_are_the_exports():
+    import exports
+
+    assert [deploy.VALUES["fmt"]("--format", f) for f in exports.FORMATS] == [None] * 3
+    assert deploy.VALUES["fmt"]("--format", "yaml") is not None
 
 
 def test_a_cell_that_does_not_fit_cannot_be_deployed(huge_config):
@@ -316,11 +425,44 @@ def test_help_groups_the_options_and_shows_examples():
         "Examples",
         "uv run deploy.py --list ",
         "uv run deploy.py --all --dry-run ",
-        "Exit codes  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml",
+        "Exit codes",
         "env var: MODAL_VLLM_CONFIG",
     ]:
         assert fragment in result.output, result.output
     assert CliRunner().invoke(deploy.cli, ["-h"]).exit_code == 0
+
+
+def _help_rows(out: str) -> dict[str, str]:
+    """Option -> its help row (the first line of the row, between the panel's borders)."""
+    rows = {}
+    for line in out.splitlines():
+        match = re.match(r"│ (--[\w-]+)", line)
+        if match:
+            rows[match[1]] = line
+    return rows
+
+
+def test_help_at_80_columns_labels_values_not_flags_and_wraps_no_example():
+    result = CliRunner().invoke(deploy.cli, ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert not re.search(r"<(bool|str|int|float|path|Path)>", out), out
+    rows = _help_rows(out)
+    flags = ["--help", "--list", "--all", "--dry-run", "--serve-local", "--status", "--yes",
+             "--json", "--verbose", "--redeploy", "--litellm-config", "--with-key"]
+    for flag in flags:  # nothing between the option and its help text
+        assert re.fullmatch(rf"│ {flag}( +-[a-z])? {{2,}}[A-Z][^│]*│", rows[flag]), rows[flag]
+    for option, label in {"--gpu": "KEY", "--host": "HOST", "--port": "PORT",
+                          "--deadline": "DURATION", "--concurrency": "N",
+                          "--upload-adapter": "MODEL NAME DIR", "--config": "PATH"}.items():
+        assert re.match(rf"│ {option}( +-[a-z])? +{label}  ", rows[option]), rows[option]
+    lines = [line.strip() for line in out.splitlines()]
+    examples = [line.strip() for line in deploy.EXAMPLES.splitlines()
+                if line.startswith("  ")]
+    assert len(examples) >= 10
+    for example in examples:  # each one whole on its own line
+        assert example in lines, (example, out)
 
 
 # ## Never import modal (nor, from a warm cache, pydantic or yaml)
@@ -376,7 +518,7 @@ def test_plain_options_keep_typer_semantics():
     assert seen["pair"] is None
     result = CliRunner().invoke(app, ["--count", "three"], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
-    assert "Invalid value for '--count': 'three' is not a valid int" in result.output
+    assert "Invalid value for '--count': expected a whole number, not 'three'" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -392,3 +534,51 @@ def test_an_option_given_with_an_action_it_does_not_modify_is_a_usage_error(args
     result = CliRunner().invoke(deploy.cli, args)
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == message
+
+
+# ## A closed pipe is not an error: `deploy.py ... | head -1` exits 0, quietly
+
+
+PIPED = [["--all", "--dry-run"], ["--all", "--dry-run", "--json"], ["--list"],
+         ["--list", "--json"], ["--help"]]
+
+
+@pytest.mark.parametrize("args", PIPED, ids=" ".join)
+def test_output_into_a_pipe_nobody_reads_exits_0_quietly(args):
+    """The pipe's read end is closed before deploy.py starts: its first write fails (EPIPE),
+    every time."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT,
+                              check=False)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("args", PIPED[:2], ids=" ".join)
+def test_piped_into_head_exits_0(args):
+    """As a shell runs `deploy.py ARGS | head -1`: a real reader that stops after a line."""
+    deploy_proc = subprocess.Popen([sys.executable, str(ROOT / "deploy.py"), *args],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    head = subprocess.Popen(["head", "-1"], stdin=deploy_proc.stdout, stdout=subprocess.PIPE,
+                            text=True)
+    deploy_proc.stdout.close()  # head alone reads the pipe now
+    first, _ = head.communicate(timeout=120)
+    _, errors = deploy_proc.communicate(timeout=120)
+    assert first.strip() in ("vllm-l40s (gpu app)", "["), first
+    assert (deploy_proc.returncode, errors) == (0, b"")
+
+
+def test_an_error_into_a_closed_pipe_keeps_its_exit_code():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "--gpu", "tpu",
+                               "--dry-run"], stdout=subprocess.PIPE, stderr=write_end,
+                              timeout=120, cwd=ROOT, check=False)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 2

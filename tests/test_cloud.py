@@ -173,6 +173,7 @@ def sdk():
         mock.patch.object(modal.App, "lookup", side_effect=fake.app_lookup) as lookup,
         mock.patch.object(modal.Cls, "from_name", side_effect=fake.cls_from_name) as cls,
         mock.patch("modal.enable_output", wraps=modal.enable_output) as enable_output,
+        mock.patch.object(modal.Client, "from_env"),  # cloud.connect: the connection opens
     ):
         fake.mocks = mock.Mock(deploy_app=deploy_app, dict_from_name=dict_from_name,
                                function_from_name=function_from_name,
