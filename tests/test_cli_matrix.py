@@ -218,7 +218,7 @@ def test_dry_run_json_carries_the_argv_and_costs():
      "Invalid value for action: choose one of --gpu, --model"),
     ([], "Invalid value for action: choose one action: --list, --gpu KEY, --all or"),
     (["--dry-run"], "Invalid value for action: choose one action"),
-    (["--list", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model"),
+    (["--list", "--dry-run"], "Error: --dry-run goes with --gpu, --all, --model or --batch"),
     (["--gpu", "a10g", "--dry-run"],
      "Error: unknown GPU 'a10g'; valid GPU keys: l40s, a100, h100, h200, b200"),
     (["--model", "llama-3-h100", "--dry-run"],
@@ -365,7 +365,7 @@ def test_plain_options_keep_typer_semantics():
     (["--list", "--ignore-endpoint-limit"],
      "Error: --ignore-endpoint-limit goes with --gpu, --all or --model, not --list"),
     (["--gpu", "h100", "--port", "9000", "--dry-run"], "Error: --port goes with --serve-local, not --gpu"),
-    (["--serve-local", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model, not --serve-local"),
+    (["--serve-local", "--dry-run"], "Error: --dry-run goes with --gpu, --all, --model or --batch, not --serve-local"),
     (["--status", "--redeploy"], "Error: --redeploy goes with --upload-adapter, not --status"),
 ])
 def test_an_option_given_with_an_action_it_does_not_modify_is_a_usage_error(args, message):
