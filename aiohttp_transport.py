@@ -56,8 +56,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self.limit = limit
         self.session: aiohttp.ClientSession | None = None
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self.session is None:  # created inside the running event loop, on first use
+    def client_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session under this transport; plain aiohttp requests may share its
+        connections (and its limit). Created on first use, inside the running event loop."""
+        if self.session is None:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.limit, keepalive_timeout=60),
                 timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar(),
@@ -72,7 +74,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                                         sock_read=timeouts.get("read"))
         body = await request.aread()
         try:
-            resp = await self._session().request(
+            resp = await self.client_session().request(
                 request.method, str(request.url), data=body or None,
                 headers=request.headers.multi_items(), allow_redirects=False, timeout=timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -427,6 +427,45 @@ class Samples:
     failure: str = ""
 
 
+class Lane:
+    """How one model's requests are sent: a plain aiohttp request first, and anything but an
+    answer that Endpoint would take at once (a 502, 503 or 504, a redirect, a failed
+    connection, a timeout) through `checks.Endpoint`, which retries it through the cold
+    start with its backoff and deadline and follows Modal's 303s. Both share one aiohttp
+    connection pool. The first try costs about a third of the CPU of the same request
+    through httpx, which is what keeps the runner off the critical path
+    (benchmarks/batch_throughput.py)."""
+
+    def __init__(self, target, connections: int):
+        import aiohttp
+
+        import aiohttp_transport
+        import checks
+
+        self.transport = aiohttp_transport.AiohttpTransport(connections)
+        self.endpoint = target.endpoint(transport=self.transport)
+        self.headers = {**self.endpoint.headers(), "Content-Type": "application/json"}
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=checks.CONNECT_TIMEOUT,
+                                             sock_read=checks.READ_TIMEOUT)
+        self.retry = checks.RETRY_STATUSES
+        self.errors = (aiohttp.ClientError, TimeoutError)
+
+    async def send(self, url: str, body: dict) -> tuple[int, str | None, bytes]:
+        """(status, request id, body) of the answer; NotReady if none came before the deadline."""
+        session = self.transport.client_session()
+        try:
+            async with session.post(self.endpoint.base_url + url, data=json.dumps(body).encode(),
+                                    headers=self.headers, allow_redirects=False,
+                                    timeout=self.timeout) as resp:
+                raw = await resp.read()
+                if resp.status not in self.retry and not 300 <= resp.status < 400:
+                    return resp.status, resp.headers.get("x-request-id"), raw
+        except self.errors:
+            pass  # Endpoint tries it again, with its backoff
+        answer = await self.endpoint.send("POST", url, body)
+        return answer.status, answer.resp.headers.get("x-request-id"), answer.resp.content
+
+
 class Slots:
     """`--concurrency` shared by the models: each model still sending may hold an equal share
     (at least one), and a model done sending leaves its share to the others; never more than
@@ -480,6 +519,7 @@ class Run:
         self.interrupted = False
         self.rejected = ""  # why the endpoint refused our key
         self.dropped = 0  # requests in flight abandoned after the grace period
+        self.unanswered = 0  # lines written to the error file
         self.failure: BaseException | None = None  # e.g. the disk filled up: stop, then raise
         self.samples = Samples()
         self.started = self.ended = 0.0
@@ -503,7 +543,7 @@ class Run:
         if self.fed and not self.inflight:
             self.idle.set()
 
-    async def feed(self, index: int, endpoint) -> None:
+    async def feed(self, index: int, lane: Lane) -> None:
         """Send one model's requests, in file order, each as soon as a slot is free."""
         run, line_model = self.runs[index], self.job.checked.line_model
         first, offset = self.job.checked.starts[index]
@@ -527,14 +567,14 @@ class Run:
                     body = item["body"]
                     if body.get("model") is None:
                         body["model"] = run.model.name
-                    task = asyncio.create_task(self.send(index, endpoint, item["custom_id"],
+                    task = asyncio.create_task(self.send(index, lane, item["custom_id"],
                                                          item["url"], body))
                     self.inflight.add(task)
                     task.add_done_callback(self._task_done)
         finally:
             self.slots.done(index)
 
-    async def send(self, index: int, endpoint, custom_id: str, url: str, body: dict) -> None:
+    async def send(self, index: int, lane: Lane, custom_id: str, url: str, body: dict) -> None:
         import httpx
 
         import checks
@@ -545,7 +585,7 @@ class Run:
         run.sent += 1
         run.in_flight += 1
         try:
-            answer = await endpoint.send("POST", url, body)
+            status, request_id, raw = await lane.send(url, body)
         except checks.NotReady as exc:
             return self._failed(run, custom_id, "deadline_exceeded", str(exc), give_up=True)
         except httpx.HTTPError as exc:  # e.g. too many redirects; transport errors are retried
@@ -557,12 +597,10 @@ class Run:
         now = run.last_done = time.monotonic()
         # The model answers: a later cold start (a crashed replica replaced) may take the
         # whole deadline again. It runs out only when the model answers nothing for that long.
-        endpoint.deadline = now + endpoint.deadline_s
-        status = answer.status
+        lane.endpoint.deadline = now + lane.endpoint.deadline_s
         if status in (401, 403):  # about our key, not this request: not written, sent again
             return self.reject(f"the endpoint rejected the API key: HTTP {status}: "
-                               f"{checks.error_message(answer.resp)}")
-        raw = answer.resp.content
+                               f"{checks.error_message(httpx.Response(status, content=raw))}")
         try:
             data = json.loads(raw)
         except ValueError:
@@ -571,8 +609,7 @@ class Run:
             return self._failed(run, custom_id, "invalid_response",
                                 f"HTTP {status}: the answer is not a JSON object: "
                                 f"{_clip(raw.decode('utf-8', 'replace'))!r}")
-        self.out.write(output_line(custom_id, status, answer.resp.headers.get("x-request-id"),
-                                   raw, data))
+        self.out.write(output_line(custom_id, status, request_id, raw, data))
         self.out.flush()
         if 200 <= status < 300:
             run.ok += 1
@@ -591,6 +628,7 @@ class Run:
             run.gave_up = message
         self.errors.write(error_line(custom_id, code, message))
         self.errors.flush()
+        self.unanswered += 1
 
     async def poll_replicas(self) -> None:
         """Count the running replicas now and every POLL_INTERVAL (cancelled at the end)."""
@@ -608,7 +646,7 @@ class Run:
             return
         self.samples.points.append((time.monotonic(), counts))
 
-    async def run(self, endpoints: dict[int, object], on_tick=None) -> None:
+    async def run(self, lanes: dict[int, Lane], on_tick=None) -> None:
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGINT, self.on_sigint)
@@ -617,7 +655,7 @@ class Run:
         self.started = time.monotonic()
         poller = asyncio.create_task(self.poll_replicas())
         ticker = asyncio.create_task(_tick(on_tick)) if on_tick else None
-        readers = asyncio.gather(*(self.feed(i, endpoints[i]) for i in self.runs))
+        readers = asyncio.gather(*(self.feed(i, lanes[i]) for i in self.runs))
         stop = asyncio.create_task(self.stopping.wait())
         idle = asyncio.create_task(self.idle.wait())
         try:
@@ -692,8 +730,6 @@ def _event_loop():
 
 def execute(job: Job, runs: dict[int, ModelRun], *, on_tick=None) -> Run:
     """Send every request that needs sending; the answers go to the output and error files."""
-    import aiohttp_transport
-
     target = job.target
     with contextlib.ExitStack() as files:
         try:
@@ -705,13 +741,12 @@ def execute(job: Job, runs: dict[int, ModelRun], *, on_tick=None) -> Run:
         run = Run(job, runs, out, errors)
 
         async def main() -> None:
-            endpoints = {i: target.endpoint(transport=aiohttp_transport.AiohttpTransport(
-                job.concurrency)) for i in runs}
+            lanes = {i: Lane(target, job.concurrency) for i in runs}
             try:
-                await run.run(endpoints, on_tick)
+                await run.run(lanes, on_tick)
             finally:
-                for endpoint in endpoints.values():
-                    await endpoint.__aexit__(None, None, None)
+                for lane in lanes.values():
+                    await lane.endpoint.__aexit__(None, None, None)
 
         with asyncio.Runner(loop_factory=_event_loop) as runner:
             runner.run(main())
@@ -902,10 +937,11 @@ def show_summary(summary: dict, run: Run, previous: Previous, saved: Path, job: 
     else:
         for name, m in summary["models"].items():
             say(f"Cost of {name}, an {m['cost_basis']}.")
-    new = summary["totals"]["requests_ok"] + summary["totals"]["requests_failed"]
-    say(f"Output: {summary['output']} (this run: {new} answered or failed; "
-        f"{previous.answered} answered before, skipped)")
-    say(f"Errors: {summary['errors']}")
+    totals = summary["totals"]
+    say(f"Output: {summary['output']} (this run: {totals['requests_ok']} with a 2xx, "
+        f"{totals['requests_failed'] - run.unanswered} without; {previous.answered} answered "
+        "by an earlier run, not sent again)")
+    say(f"Errors: {summary['errors']} ({run.unanswered} request(s) without an answer)")
     for model_run in run.runs.values():
         if model_run.gave_up:
             say(f"{model_run.model.key}: gave up, {model_run.to_send - model_run.sent} request(s) "
@@ -1039,8 +1075,9 @@ def show_dry_run(checked: Checked, previous: Previous, output: Path, runs: dict[
     from rich.table import Table
 
     console = _console()
-    table = Table(title=f"{checked.path}: {checked.requests} requests, every line valid",
-                  title_justify="left")
+    console.print(f"{checked.path}: {checked.requests} requests, every line valid",
+                  soft_wrap=True, markup=False)
+    table = Table()
     for column in ("model", "url", "requests"):
         table.add_column(column, no_wrap=True, justify="right" if column == "requests" else "left")
     for key, urls in checked.counts.items():

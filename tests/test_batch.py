@@ -22,7 +22,7 @@ import pytest
 from batch_standins import Failing
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
-from servers import ROOT_DIR, ThreadServer, wait_until
+from servers import ROOT_DIR, ThreadServer, free_port, wait_until
 from standin import StandIn
 from typer.testing import CliRunner
 
@@ -347,6 +347,72 @@ def test_a_cold_start_is_waited_through(matrix, tmp_path):
     assert len(upstream.received) > 4  # the 503s were retried
     assert summary["models"]["gemma-3-12b"]["wall_s"] >= 1.0
     assert {a["response"]["status_code"] for a in read(tmp_path / "cold.output.jsonl")} == {200}
+
+
+def test_an_endpoint_not_listening_yet_is_waited_for(matrix, tmp_path):
+    """Connection refused at first (vLLM does not listen until it is ready): retried."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(standin(), host="127.0.0.1", port=port,
+                                           log_level="critical", lifespan="off"))
+    thread = threading.Timer(1.0, server.run)
+    thread.start()
+    try:
+        path = write(tmp_path / "late.jsonl", [line("a", "google/gemma-3-12b-it")])
+        summary = batch_run(f"http://127.0.0.1:{port}", path, "--deadline", "60s")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert summary["totals"]["requests_ok"] == 1
+    assert summary["models"]["gemma-3-12b"]["wall_s"] >= 0.5
+
+
+class Redirecting:
+    """Modal's answer to a web call longer than 150 s: 303 to a URL that serves the result."""
+
+    def __init__(self):
+        self.inner, self.paths = standin(), []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.paths.append((scope["method"], scope["path"]))
+            if scope["method"] == "POST":
+                self.body = b""
+                while True:
+                    message = await receive()
+                    self.body += message.get("body", b"")
+                    if not message.get("more_body"):
+                        break
+                return await self._redirect(send)
+            if scope["path"] == "/result/1":
+                body = self.body
+
+                async def replay():
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                scope = {**scope, "method": "POST", "path": CHAT}
+                return await self.inner(scope, replay, send)
+        return await self.inner(scope, receive, send)
+
+    @staticmethod
+    async def _redirect(send):
+        await send({"type": "http.response.start", "status": 303,
+                    "headers": [(b"location", b"/result/1"), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_modals_303_is_followed_to_the_answer(tmp_path):
+    app = Redirecting()
+    path = write(tmp_path / "long.jsonl", [line("a", "google/gemma-3-12b-it")])
+    with ThreadServer(app) as server:
+        batch_run(server.url, path)
+    (answer,) = read(tmp_path / "long.output.jsonl")
+    assert answer["response"]["status_code"] == 200
+    assert answer["response"]["body"]["object"] == "chat.completion"
+    assert app.paths == [("POST", CHAT), ("POST", CHAT), ("GET", "/result/1")]
 
 
 def test_failed_requests_go_where_openai_puts_them(matrix, tmp_path):
