@@ -75,3 +75,37 @@ class Failing:
 
     async def _json(self, send, status: int, obj) -> None:
         await self._raw(send, status, json.dumps(obj).encode(), b"application/json")
+
+
+class Forgetful:
+    """The stand-in without its record of requests: for runs of a million requests, where
+    that record would take gigabytes (benchmarks/batch_memory.py)."""
+
+    def __init__(self, inner: StandIn):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            self.inner.received.clear()
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    import uvicorn
+
+    p = argparse.ArgumentParser(description="the vLLM stand-in, as a process, for batch runs")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--served-model-name", nargs="+", default=["google/gemma-3-12b-it"])
+    p.add_argument("--forgetful", action="store_true", help="keep no record of requests")
+    a = p.parse_args(argv)
+    app = StandIn(a.served_model_name)
+    app = Forgetful(app) if a.forgetful else app
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="critical", access_log=False,
+                server_header=False, date_header=False)
+
+
+if __name__ == "__main__":
+    main()
