@@ -140,7 +140,8 @@ class Endpoint:
     """An OpenAI-compatible endpoint: its base URL, key, and one retry deadline for all calls."""
 
     def __init__(self, base_url: str, api_key: str | None, *, deadline_s: float,
-                 max_connections: int = 32, on_wait=None):
+                 max_connections: int = 32, on_wait=None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         """`on_wait(reason)` is called after each failed try with why it failed (one line):
         what the caller shows while the endpoint starts."""
         self.base_url = normalize_base_url(base_url)
@@ -154,7 +155,8 @@ class Endpoint:
             base_url=self.base_url, follow_redirects=True,  # Modal: 303 to the result URL
             timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections))
+                                max_keepalive_connections=max_connections),
+            transport=transport)  # e.g. aiohttp_transport's, for many requests in flight
 
     async def __aenter__(self) -> Self:
         return self

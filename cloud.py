@@ -622,6 +622,19 @@ def pool_containers(app_name: str, model_key: str, environment: str | None) -> i
     return stats.num_total_runners
 
 
+def running_replicas(app: plan.App, environment: str | None) -> dict[str, int | None]:
+    """Running GPU replicas per model of a deployed app, counted as --status counts them
+    (for --batch's cost estimate); a legacy app's containers are its one model's."""
+    try:
+        if app.kind == "legacy":
+            info = deployed_apps(environment).get(app.name)
+            return {app.pools[0].model.key: info.containers if info else 0}
+        return {p.model.key: pool_containers(app.name, p.model.key, environment)
+                for p in app.pools}
+    except Exception as exc:  # a UserError passes through translate unchanged
+        raise translate(exc, f"counting the running replicas of {app.name}") from exc
+
+
 def read_records(environment: str | None) -> dict:
     """Every pool's records (start-up failures, GPUs got): one RPC for all apps."""
     try:

@@ -34,6 +34,7 @@ EXAMPLES = """
   uv run deploy.py --stop all               stop every app (asks first)
   uv run deploy.py --url h100 --format env  LLM_BASE_URL=, LLM_API_KEY= lines
   uv run deploy.py --litellm-config         litellm_config.yaml for the proxy
+  uv run deploy.py --batch h100 --input f.jsonl  requests from a file
   export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1
 
 [bold]Exit codes[/bold]
@@ -53,6 +54,7 @@ LOCAL = "Local gateway"
 TEST = "Test and benchmark"
 ADAPTERS = "LoRA adapters"
 EXPORT = "Export"
+BATCH = "Batch runs"
 
 cli = typer.Typer(
     add_completion=False,
@@ -407,6 +409,27 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
         raise typer.Exit(code)
 
 
+# ## --batch KEY --input FILE (the work is in batch.py)
+
+
+def _batch(matrix: config.Matrix, o) -> None:
+    import os
+
+    import batch
+    import plan
+
+    code = batch.batch_command(
+        matrix, plan.app_for_key(matrix, o.batch), o.batch, input_path=o.input_file,
+        output=o.output, test_model=o.test_model, base_url=o.base_url,
+        api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
+        api_key_given=bool(o.api_key), deadline=o.deadline, concurrency=o.concurrency,
+        environment=o.environment,
+        config_path=None if o.config_path == config.DEFAULT_PATH else o.config_path,
+        dry_run=o.dry_run, as_json=o.as_json)
+    if code:
+        raise typer.Exit(code)
+
+
 # ## --litellm-config, --url KEY --format (the work is in exports.py)
 
 
@@ -508,21 +531,24 @@ ACTIONS = {  # parameter -> what it does
     "test_gpu": _test_and_bench, "test": _test_and_bench, "warm": _test_and_bench,
     "bench": _test_and_bench, "serve_local": _serve_local,
     "upload_adapter": _upload_adapter, "litellm_config": _litellm_config,
+    "batch": _batch,
 }
 TESTS = ("test_gpu", "test", "warm", "bench")
 MODIFIERS = {  # parameter -> the actions it goes with
-    "dry_run": ("gpu", "all_", "model"),
+    "dry_run": ("gpu", "all_", "model", "batch"),
     "ignore_endpoint_limit": ("gpu", "all_", "model"),
     "yes": ("stop",),
     "upstream": ("serve_local",), "host": ("serve_local",), "port": ("serve_local",),
     "allow_unauthenticated": ("serve_local",),
-    "test_model": TESTS, "base_url": TESTS, "api_key": TESTS, "deadline": TESTS,
+    "test_model": (*TESTS, "batch"), "base_url": (*TESTS, "batch"),
+    "api_key": (*TESTS, "batch"), "deadline": (*TESTS, "batch"),
     "keep_warm": ("warm",),
     **dict.fromkeys(BENCH_OPTIONS, ("bench",)),
+    "concurrency": ("bench", "batch"), "input_file": ("batch",),
     "redeploy": ("upload_adapter",),
-    "output": ("litellm_config",), "workspace": ("litellm_config",),
+    "output": ("litellm_config", "batch"), "workspace": ("litellm_config",),
     "fmt": ("url",), "with_key": ("url",),
-    "as_json": ("list_", "gpu", "all_", "model", "url", "status", *TESTS),
+    "as_json": ("list_", "gpu", "all_", "model", "url", "status", *TESTS, "batch"),
 }
 
 
@@ -557,7 +583,7 @@ def _chosen_action(ctx: typer.Context) -> str:
         raise config.UsageError(
             "choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
             "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
-            "--test MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, "
+            "--test MODEL-GPU, --warm KEY, --bench KEY; or --batch KEY; or --serve-local, "
             "--upload-adapter, --litellm-config (--help shows them all)" if not chosen
             else f"choose one of {', '.join(_flag(ctx, n) for n in chosen)}")
     return chosen[0]
@@ -596,7 +622,8 @@ def main(
         "--all", help="Deploy every GPU app.", rich_help_panel=DEPLOY)] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="With --gpu, --all or --model: show what would be deployed; "
-        "offline, no Modal account needed.", rich_help_panel=DEPLOY)] = False,
+        "offline, no Modal account needed. With --batch: check the file and count, send nothing.",
+        rich_help_panel=DEPLOY)] = False,
     model: Annotated[str | None, typer.Option(
         "--model", metavar="MODEL-GPU", help="Deploy one legacy app (e.g. gemma-3-12b-l40s).",
         rich_help_panel=LEGACY)] = None,
@@ -653,23 +680,26 @@ def main(
         "TPOT, ITL, E2EL, throughput, $ per million output tokens; ranks saved runs by cost.",
         rich_help_panel=TEST)] = None,
     test_model: Annotated[str | None, typer.Option(
-        "--test-model", metavar="NAME", help="Only this model of the app.",
+        "--test-model", metavar="NAME", help="Only this model of the app (with --batch: the "
+        "model of lines that name none).",
         rich_help_panel=TEST)] = None,
     base_url: Annotated[str | None, typer.Option(
-        "--base-url", metavar="URL", help="Test, warm or benchmark this endpoint instead of "
-        "looking the app's URL up on Modal.", rich_help_panel=TEST)] = None,
+        "--base-url", metavar="URL", help="Test, warm, benchmark or run a batch against this "
+        "endpoint instead of looking the app's URL up on Modal.", rich_help_panel=TEST)] = None,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", metavar="KEY", help="Bearer key of the endpoint (default: $VLLM_API_KEY); "
         "never printed.", rich_help_panel=TEST, show_default=False)] = None,
     deadline: Annotated[str | None, typer.Option(
         "--deadline", metavar="DURATION", help="How long to wait through cold starts "
-        "(e.g. 90s, 15m) \\[default: 15m].", rich_help_panel=TEST)] = None,
+        "(e.g. 90s, 15m; with --batch: how long a model may answer nothing) \\[default: 15m].",
+        rich_help_panel=TEST)] = None,
     keep_warm: Annotated[str | None, typer.Option(
         "--keep-warm", metavar="DURATION", help="With --warm: keep pinging (well inside the "
         "scaledown window) for this long, e.g. 2h; prints what it costs per hour.",
         rich_help_panel=TEST)] = None,
     concurrency: Annotated[int | None, typer.Option(
-        "--concurrency", metavar="N", help="With --bench: requests in flight \\[default: 16].",
+        "--concurrency", metavar="N", help="With --bench: requests in flight \\[default: 16]; "
+        "with --batch: \\[default: 32 per model in the file].",
         rich_help_panel=TEST)] = None,
     requests: Annotated[int | None, typer.Option(
         "--requests", metavar="N", help="With --bench: requests in the run \\[default: 128].",
@@ -703,7 +733,8 @@ def main(
         "runs it).", rich_help_panel=EXPORT)] = False,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="PATH", help="With --litellm-config: the file to write, '-' "
-        "for stdout \\[default: litellm_config.yaml].", rich_help_panel=EXPORT,
+        "for stdout \\[default: litellm_config.yaml]. With --batch: the answers \\[default: "
+        "<input>.output.jsonl beside the input].", rich_help_panel=EXPORT,
         show_default=False)] = None,
     workspace: Annotated[str | None, typer.Option(
         "--workspace", metavar="NAME", help="With --litellm-config: write this Modal "
@@ -715,6 +746,14 @@ def main(
     with_key: Annotated[bool, typer.Option(
         "--with-key", help="With --url --format env|json: fill in the key from VLLM_API_KEY "
         "(else it is left empty).", rich_help_panel=EXPORT)] = False,
+    batch: Annotated[str | None, typer.Option(
+        "--batch", metavar="KEY", help="Send a file of OpenAI Batch API requests (--input) "
+        "through a GPU or legacy app: checked first, retried through cold starts, answers in "
+        "OpenAI's batch output format, resumable; tokens and estimated cost per model.",
+        rich_help_panel=BATCH)] = None,
+    input_file: Annotated[Path | None, typer.Option(
+        "--input", metavar="FILE", help="With --batch: the requests, one JSON object a line "
+        "(custom_id, method, url, body).", rich_help_panel=BATCH)] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print machine-readable JSON instead of tables.",
         rich_help_panel=OUTPUT)] = False,

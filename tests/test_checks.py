@@ -205,9 +205,9 @@ def test_without_base_url_the_endpoint_is_looked_up_on_modal(matrix, monkeypatch
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--test-gpu", "h100", "--keep-warm", "1m"], "--keep-warm goes with --warm, not --test-gpu"),
-    (["--warm", "h100", "--concurrency", "4"], "--concurrency goes with --bench, not --warm"),
+    (["--warm", "h100", "--concurrency", "4"], "--concurrency goes with --bench or --batch, not --warm"),
     (["--list", "--base-url", "http://x"],
-     "--base-url goes with --test-gpu, --test, --warm or --bench, not --list"),
+     "--base-url goes with --test-gpu, --test, --warm, --bench or --batch, not --list"),
     (["--test-gpu", "h100", "--warm", "h100"], "choose one of --test-gpu, --warm"),
     (["--test-gpu", "h100", "--base-url", "ftp://x"], "--base-url 'ftp://x': expected an"),
     (["--test-gpu", "h100", "--base-url", "http://127.0.0.1:9"], "needs the endpoint's key"),

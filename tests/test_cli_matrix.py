@@ -250,7 +250,7 @@ def test_dry_run_json_carries_the_argv_and_costs():
 
 NO_ACTION = ("Error: choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; or "
              "operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, --test "
-             "MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, --upload-adapter, "
+             "MODEL-GPU, --warm KEY, --bench KEY; or --batch KEY; or --serve-local, --upload-adapter, "
              "--litellm-config (--help shows them all)")
 
 
@@ -260,7 +260,7 @@ NO_ACTION = ("Error: choose one action: --list, --gpu KEY, --all or --model MODE
      "Error: choose one of --gpu, --model"),
     ([], NO_ACTION),
     (["--dry-run"], NO_ACTION),
-    (["--list", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model, not --list"),
+    (["--list", "--dry-run"], "Error: --dry-run goes with --gpu, --all, --model or --batch, not --list"),
     (["--gpu", "a10g", "--dry-run"],
      "Error: unknown GPU 'a10g'; valid GPU keys: l40s, a100, h100, h200, b200"),
     (["--model", "llama-3-h100", "--dry-run"],
@@ -344,7 +344,7 @@ def test_every_value_is_checked_before_anything_slow(monkeypatch, args, line):
 # --config by loading it, --output by writing it, and --serve-local's by the local gateway.
 CHECKED_ELSEWHERE = {"gpu", "model", "url", "stop", "test_gpu", "test", "warm", "bench",
                      "upload_adapter", "workspace", "config_path", "output",
-                     "upstream", "host", "port"}
+                     "upstream", "host", "port", "batch", "input_file"}
 
 
 def test_every_valued_option_has_its_check():
@@ -526,7 +526,7 @@ def test_plain_options_keep_typer_semantics():
     (["--list", "--ignore-endpoint-limit"],
      "Error: --ignore-endpoint-limit goes with --gpu, --all or --model, not --list"),
     (["--gpu", "h100", "--port", "9000", "--dry-run"], "Error: --port goes with --serve-local, not --gpu"),
-    (["--serve-local", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model, not --serve-local"),
+    (["--serve-local", "--dry-run"], "Error: --dry-run goes with --gpu, --all, --model or --batch, not --serve-local"),
     (["--status", "--redeploy"], "Error: --redeploy goes with --upload-adapter, not --status"),
 ])
 def test_an_option_given_with_an_action_it_does_not_modify_is_a_usage_error(args, message):

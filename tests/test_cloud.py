@@ -697,7 +697,7 @@ def test_stop_failure_is_one_line(token, sdk):
 @pytest.mark.parametrize(("args", "message"), [
     (["--url", "h100", "--status"], "choose one of --url, --status"),
     (["--stop", "all", "--gpu", "h100"], "choose one of --gpu, --stop"),
-    (["--status", "--dry-run"], "Error: --dry-run goes with --gpu, --all or --model"),
+    (["--status", "--dry-run"], "Error: --dry-run goes with --gpu, --all, --model or --batch"),
     (["--url", "tpu"], "Error: unknown key 'tpu'; expected a GPU key"),
 ])
 def test_usage_errors(sdk, args, message):
