@@ -31,6 +31,7 @@ EXAMPLES = """
   uv run deploy.py --stop all                  stop every app (asks first)
   uv run deploy.py --url h100 --format env     LLM_BASE_URL= and LLM_API_KEY= for a .env
   uv run deploy.py --litellm-config            write litellm_config.yaml (docker compose up)
+  uv run deploy.py --report                    results/report.html: saved runs as charts
 
 [bold]Exit codes[/bold]  0 ok, 1 failed, 2 usage error, 3 invalid models.yaml,
   4 not authenticated with Modal, 5 Modal unreachable, 6 Modal Secret or LoRA adapter missing,
@@ -351,6 +352,13 @@ def _litellm_config(matrix: config.Matrix, o) -> None:
                       "<gpu>-serve.modal.run/v1 beside the others", soft_wrap=True)
 
 
+def _report(matrix: config.Matrix, o) -> None:
+    import bench
+    import report
+
+    report.report_command(o.results_dir or bench.DEFAULT_RESULTS_DIR, o.output)
+
+
 def _url(matrix: config.Matrix, o) -> None:
     import os
 
@@ -423,6 +431,7 @@ ACTIONS = {  # parameter -> what it does
     "test_gpu": _test_and_bench, "test": _test_and_bench, "warm": _test_and_bench,
     "bench": _test_and_bench, "serve_local": _serve_local,
     "upload_adapter": _upload_adapter, "litellm_config": _litellm_config,
+    "report": _report,
 }
 TESTS = ("test_gpu", "test", "warm", "bench")
 MODIFIERS = {  # parameter -> the actions it goes with
@@ -434,8 +443,9 @@ MODIFIERS = {  # parameter -> the actions it goes with
     "test_model": TESTS, "base_url": TESTS, "api_key": TESTS, "deadline": TESTS,
     "keep_warm": ("warm",),
     **dict.fromkeys(BENCH_OPTIONS, ("bench",)),
+    "results_dir": ("bench", "report"),
     "redeploy": ("upload_adapter",),
-    "output": ("litellm_config",), "workspace": ("litellm_config",),
+    "output": ("litellm_config", "report"), "workspace": ("litellm_config",),
     "fmt": ("url",), "with_key": ("url",),
     "as_json": ("list_", "gpu", "all_", "model", "url", "status", *TESTS),
 }
@@ -456,7 +466,7 @@ def _chosen_action(ctx: typer.Context) -> str:
         what = ("choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
                 "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
                 "--test MODEL-GPU, --warm KEY, --bench KEY; or --serve-local, "
-                "--upload-adapter, --litellm-config" if not chosen
+                "--upload-adapter, --litellm-config, --report" if not chosen
                 else f"choose one of {', '.join(_flag(ctx, n) for n in chosen)}")
         raise typer.BadParameter(what, param_hint="action")
     return chosen[0]
@@ -576,8 +586,8 @@ def main(
         "--max-tpot-ms", metavar="MS", help="With --bench: rank only GPUs whose p99 TPOT is "
         "within this first.", rich_help_panel=TEST)] = None,
     results_dir: Annotated[Path | None, typer.Option(
-        "--results-dir", metavar="PATH", help="With --bench: where runs are saved and compared "
-        "\\[default: results].", rich_help_panel=TEST)] = None,
+        "--results-dir", metavar="PATH", help="With --bench: where runs are saved and compared; "
+        "with --report: where they are read \\[default: results].", rich_help_panel=TEST)] = None,
     upload_adapter: Annotated[tuple[str, str, Path] | None, typer.Option(
         "--upload-adapter", metavar="MODEL NAME DIR", help="Check a LoRA adapter directory "
         "(adapter_config.json, base model, rank, weights) and upload it to the adapters Volume; "
@@ -590,9 +600,14 @@ def main(
         "--litellm-config", help="Write a LiteLLM proxy config from the matrix: <model>-<gpu> "
         "for each GPU app, <model> alone routed to the cheapest GPU first (docker-compose.yml "
         "runs it).", rich_help_panel=EXPORT)] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Write one self-contained HTML page of the saved --bench and --batch "
+        "runs: $ per million output tokens against p99 TTFT and TPOT per GPU, the targets, "
+        "the cheapest GPU, every figure (opens offline).", rich_help_panel=EXPORT)] = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="PATH", help="With --litellm-config: the file to write, '-' "
-        "for stdout \\[default: litellm_config.yaml].", rich_help_panel=EXPORT,
+        "--output", "-o", metavar="PATH", help="With --litellm-config or --report: the file to "
+        "write, '-' for stdout \\[default: litellm_config.yaml; results/report.html].",
+        rich_help_panel=EXPORT,
         show_default=False)] = None,
     workspace: Annotated[str | None, typer.Option(
         "--workspace", metavar="NAME", help="With --litellm-config: write this Modal "
