@@ -606,7 +606,7 @@ def main(
         "the cheapest GPU, every figure (opens offline).", rich_help_panel=EXPORT)] = False,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="PATH", help="With --litellm-config or --report: the file to "
-        "write, '-' for stdout \\[default: litellm_config.yaml; results/report.html].",
+        "write, '-' for stdout \\[default: litellm_config.yaml; report.html in --results-dir].",
         rich_help_panel=EXPORT,
         show_default=False)] = None,
     workspace: Annotated[str | None, typer.Option(
