@@ -157,9 +157,9 @@ class Browser:
         await self.send("Emulation.setEmulatedMedia", features=[
             {"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
 
-    async def screenshot(self, path: Path) -> None:
-        """The whole page, not only the viewport."""
-        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    async def screenshot(self, path: Path, *, full: bool = True) -> None:
+        """The whole page (or only the viewport: `full=False`)."""
+        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=full)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
 
