@@ -642,7 +642,7 @@ def write_report(results_dir: Path, output: Path | str) -> Written:
         sys.stdout.write(page)
         return Written(None, runs)
     path = Path(output)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per writer
     try:
         # Whole or not at all: a browser reloading the page never sees half of it.
         partial.write_text(page, encoding="utf-8")
