@@ -970,12 +970,13 @@ def outcome_lines(run: Run, job: Job) -> list[str]:
 def resume_command(key: str, input_path: Path, output: Path, *, test_model: str | None,
                    base_url: str | None, concurrency: int | None, deadline: str | None,
                    environment: str | None, config_path: Path | None,
-                   api_key_given: bool) -> str:
+                   api_key_given: bool, results_dir: Path | None = None) -> str:
     """The same run again, with the output named (the key is never printed)."""
     args = ["uv", "run", "deploy.py", "--batch", key, "--input", str(input_path), "-o", str(output)]
     for flag, value in (("--test-model", test_model), ("--base-url", base_url),
                         ("--concurrency", concurrency), ("--deadline", deadline),
-                        ("--env", environment), ("--config", config_path)):
+                        ("--env", environment), ("--config", config_path),
+                        ("--results-dir", results_dir)):
         if value is not None:
             args += [flag, str(value)]
     text = shlex.join(args)
@@ -986,8 +987,9 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
                   output: Path | None, test_model: str | None, base_url: str | None,
                   api_key: str | None, api_key_given: bool, deadline: str | None,
                   concurrency: int | None, environment: str | None, config_path: Path | None,
-                  dry_run: bool, as_json: bool) -> int:
-    """`--batch KEY --input FILE`: check, then (unless --dry-run) run; the exit code."""
+                  dry_run: bool, as_json: bool, results_dir: Path | None = None) -> int:
+    """`--batch KEY --input FILE`: check, then (unless --dry-run) run; the exit code.
+    The summary is saved in `results_dir` (default results/) and its results page updated."""
     if input_path is None:
         raise config.UsageError("--batch needs --input FILE (one OpenAI Batch API request a line)")
     served = [p.model for p in app.pools]
@@ -1000,8 +1002,6 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
         if default not in served:
             raise config.UsageError(f"{app.name} does not serve '{test_model}'; it serves "
                                     f"{', '.join(m.key for m in served)}")
-    if concurrency is not None and concurrency < 1:
-        raise config.UsageError(f"--concurrency {concurrency}: must be at least 1")
     deadline_s = config.parse_duration(deadline) if deadline else None
     output, errors = output_paths(input_path, output)
     checked = check_file(input_path, served, default, app.name)
@@ -1037,7 +1037,8 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
     job = Job(target, checked, output, errors, slots,
               resume_command(key, input_path, output, test_model=test_model, base_url=base_url,
                              concurrency=concurrency, deadline=deadline, environment=environment,
-                             config_path=config_path, api_key_given=api_key_given),
+                             config_path=config_path, api_key_given=api_key_given,
+                             results_dir=results_dir),
               poll, {p.model.key: p.fit.usd_per_hour for p in app.pools})
     started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
     view = None
@@ -1050,11 +1051,16 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
         if view:
             view.bar.stop()
     summary = summarize(job, run, started_at, input_path=input_path)
-    saved = save_summary(summary, input_path)
+    saved = save_summary(summary, input_path, results_dir or RESULTS_DIR)
+    import report  # the results page, rewritten with this run (plotly is imported only there)
+
+    page = report.update_after_run(results_dir or RESULTS_DIR)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        err.print(page.line, soft_wrap=True, markup=False)  # stdout stays one JSON document
     else:
         show_summary(summary, run, previous, saved, job)
+        _console().print(page.line, soft_wrap=True, markup=False)
     for line in outcome_lines(run, job):
         err.print(line, soft_wrap=True, markup=False)
     if run.interrupted:

@@ -409,18 +409,27 @@ def run_bench(target, settings: Settings, *, results_dir: Path, max_ttft_ms: flo
     result = build_result(target, model, settings, metrics, woken.ready_after_s, started_at)
     pool = next(p for p in target.app.pools if p.model == model)
     result.update(what_the_endpoint_reported(records, pool))
+    # What this run was ranked against: the results page draws the last ranking's targets.
+    result["targets"] = {"max_ttft_ms": max_ttft_ms, "max_tpot_ms": max_tpot_ms}
     saved = save_result(result, results_dir)
     rows = rank(latest_per_gpu(load_results(results_dir, model.key), settings),
                 max_ttft_ms=max_ttft_ms, max_tpot_ms=max_tpot_ms)
     best = cheapest(rows)
     ok = metrics["failed"] == 0
+    import report  # the results page, rewritten with this run (plotly is imported only there)
+
+    page = report.update_after_run(results_dir)
     if as_json:
         import sys
 
         sys.stdout.write(json.dumps({"result": result, "saved": str(saved), "comparison": rows,
                                      "cheapest": best and best["gpu"]}, indent=2) + "\n")
+        sys.stderr.write(page.line + "\n")  # stdout stays one JSON document
         return 0 if ok else 1
     show(result, saved, rows, best, max_ttft_ms=max_ttft_ms, max_tpot_ms=max_tpot_ms)
+    from checks import _console
+
+    _console().print(page.line, soft_wrap=True, markup=False)
     return 0 if ok else 1
 
 

@@ -36,6 +36,7 @@ EXAMPLES = """
   uv run deploy.py --litellm-config         litellm_config.yaml for the proxy
   uv run deploy.py --batch h100 --input f.jsonl  requests from a file
   export LLM_BASE_URL=$(uv run deploy.py --url h100)/v1
+  uv run deploy.py --report                 saved runs as one HTML page
 
 [bold]Exit codes[/bold]
   0 ok                               5 Modal unreachable
@@ -425,7 +426,7 @@ def _batch(matrix: config.Matrix, o) -> None:
         api_key_given=bool(o.api_key), deadline=o.deadline, concurrency=o.concurrency,
         environment=o.environment,
         config_path=None if o.config_path == config.DEFAULT_PATH else o.config_path,
-        dry_run=o.dry_run, as_json=o.as_json)
+        dry_run=o.dry_run, as_json=o.as_json, results_dir=o.results_dir)
     if code:
         raise typer.Exit(code)
 
@@ -459,6 +460,13 @@ def _litellm_config(matrix: config.Matrix, o) -> None:
         console.print(f"[yellow]Warning:[/yellow] {exports.COMPOSE_FILE.name} does not set "
                       f"{', '.join(missing)}; add each as https://${{MODAL_WORKSPACE}}--vllm-"
                       "<gpu>-serve.modal.run/v1 beside the others", soft_wrap=True)
+
+
+def _report(matrix: config.Matrix, o) -> None:
+    import bench
+    import report
+
+    report.report_command(o.results_dir or bench.DEFAULT_RESULTS_DIR, o.output)
 
 
 def _url(matrix: config.Matrix, o) -> None:
@@ -532,6 +540,7 @@ ACTIONS = {  # parameter -> what it does
     "bench": _test_and_bench, "serve_local": _serve_local,
     "upload_adapter": _upload_adapter, "litellm_config": _litellm_config,
     "batch": _batch,
+    "report": _report,
 }
 TESTS = ("test_gpu", "test", "warm", "bench")
 MODIFIERS = {  # parameter -> the actions it goes with
@@ -545,8 +554,9 @@ MODIFIERS = {  # parameter -> the actions it goes with
     "keep_warm": ("warm",),
     **dict.fromkeys(BENCH_OPTIONS, ("bench",)),
     "concurrency": ("bench", "batch"), "input_file": ("batch",),
+    "results_dir": ("bench", "batch", "report"),
     "redeploy": ("upload_adapter",),
-    "output": ("litellm_config", "batch"), "workspace": ("litellm_config",),
+    "output": ("litellm_config", "batch", "report"), "workspace": ("litellm_config",),
     "fmt": ("url",), "with_key": ("url",),
     "as_json": ("list_", "gpu", "all_", "model", "url", "status", *TESTS, "batch"),
 }
@@ -584,7 +594,7 @@ def _chosen_action(ctx: typer.Context) -> str:
             "choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; "
             "or operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, "
             "--test MODEL-GPU, --warm KEY, --bench KEY; or --batch KEY; or --serve-local, "
-            "--upload-adapter, --litellm-config (--help shows them all)" if not chosen
+            "--upload-adapter, --litellm-config, --report (--help shows them all)" if not chosen
             else f"choose one of {', '.join(_flag(ctx, n) for n in chosen)}")
     return chosen[0]
 
@@ -717,8 +727,9 @@ def main(
         "--max-tpot-ms", metavar="MS", help="With --bench: rank only GPUs whose p99 TPOT is "
         "within this first.", rich_help_panel=TEST)] = None,
     results_dir: Annotated[Path | None, typer.Option(
-        "--results-dir", metavar="PATH", help="With --bench: where runs are saved and compared "
-        "\\[default: results].", rich_help_panel=TEST)] = None,
+        "--results-dir", metavar="PATH", help="With --bench and --batch: where runs are saved "
+        "(and --bench compares them); with --report: where they are read \\[default: results].",
+        rich_help_panel=TEST)] = None,
     upload_adapter: Annotated[tuple[str, str, Path] | None, typer.Option(
         "--upload-adapter", metavar="MODEL NAME DIR", help="Check a LoRA adapter directory "
         "(adapter_config.json, base model, rank, weights) and upload it to the adapters Volume; "
@@ -731,10 +742,15 @@ def main(
         "--litellm-config", help="Write a LiteLLM proxy config from the matrix: <model>-<gpu> "
         "for each GPU app, <model> alone routed to the cheapest GPU first (docker-compose.yml "
         "runs it).", rich_help_panel=EXPORT)] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Write one self-contained HTML page of the saved --bench and --batch "
+        "runs: $ per million output tokens against p99 TTFT and TPOT per GPU, the targets, "
+        "the cheapest GPU, every figure (opens offline).", rich_help_panel=EXPORT)] = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="PATH", help="With --litellm-config: the file to write, '-' "
-        "for stdout \\[default: litellm_config.yaml]. With --batch: the answers \\[default: "
-        "<input>.output.jsonl beside the input].", rich_help_panel=EXPORT,
+        "--output", "-o", metavar="PATH", help="With --litellm-config or --report: the file to "
+        "write, '-' for stdout \\[default: litellm_config.yaml; report.html in --results-dir]. "
+        "With --batch: the answers \\[default: <input>.output.jsonl beside the input].",
+        rich_help_panel=EXPORT,
         show_default=False)] = None,
     workspace: Annotated[str | None, typer.Option(
         "--workspace", metavar="NAME", help="With --litellm-config: write this Modal "

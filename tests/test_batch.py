@@ -184,8 +184,27 @@ def test_the_text_summary_names_files_cost_and_no_progress_when_piped(matrix, tm
     assert f"Output: {tmp_path / 'a.output.jsonl'}" in out and "Errors:" in out
     assert "Cost: no estimate: a --base-url endpoint" in out
     assert "Saved results/batch-a-" in out
+    assert "Report      results/report.html updated" in out
     assert result.stderr == ""  # piped: no progress bar, nothing but the summary
     assert KEY not in result.output
+
+
+def test_a_run_goes_to_results_dir_and_updates_its_results_page(matrix, tmp_path):
+    path = write(tmp_path / "a.jsonl", [line("x"), line("y", "qwen3-vl-30b")])
+    runs = tmp_path / "runs"
+    with gateway_before(matrix, {"*": standin()}) as url:
+        result = run("--batch", "h100", "--input", str(path), "--base-url", url, "--json",
+                     "--results-dir", str(runs), env={"VLLM_API_KEY": KEY})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # stdout stays one JSON document
+    (saved,) = runs.glob("batch-a-*.json")
+    assert json.loads(saved.read_text()) == summary
+    assert result.stderr == f"Report      {runs / 'report.html'} updated (deploy.py --report; " \
+                            "open it in a browser)\n"
+    page = (runs / "report.html").read_text()
+    assert 'id="batch-1-table"' in page and "<h3>a.jsonl on " in page
+    assert "qwen3-vl-30b" in page and "gemma-3-12b" in page
+    assert not (tmp_path / "results").exists()
 
 
 def test_requests_of_several_models_run_side_by_side(matrix, tmp_path):

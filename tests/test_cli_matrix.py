@@ -251,7 +251,7 @@ def test_dry_run_json_carries_the_argv_and_costs():
 NO_ACTION = ("Error: choose one action: --list, --gpu KEY, --all or --model MODEL-GPU; or "
              "operate: --url KEY, --status, --stop KEY; or test: --test-gpu KEY, --test "
              "MODEL-GPU, --warm KEY, --bench KEY; or --batch KEY; or --serve-local, --upload-adapter, "
-             "--litellm-config (--help shows them all)")
+             "--litellm-config, --report (--help shows them all)")
 
 
 @pytest.mark.parametrize(("args", "line"), [

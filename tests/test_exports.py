@@ -195,7 +195,8 @@ def test_litellm_config_defaults_to_the_file_compose_mounts(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--litellm-config", "--gpu", "h100"], "choose one of --gpu, --litellm-config"),
-    (["--list", "--output", "x.yaml"], "--output goes with --litellm-config or --batch, not --list"),
+    (["--list", "--output", "x.yaml"],
+     "--output goes with --litellm-config, --batch or --report, not --list"),
     (["--list", "--workspace", "acme"], "--workspace goes with --litellm-config, not --list"),
     (["--litellm-config", "--json"], ("--json goes with --list, --gpu, --all, --model, --url, "
                                       "--status, --test-gpu, --test, --warm, --bench or --batch")),
