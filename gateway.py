@@ -572,7 +572,10 @@ class Gateway:
                     raise Reject(413, self.too_large)  # refused before reading any of it
         message = await receive()  # the whole body, for any but large or slow ones
         if message["type"] == "http.request" and not message.get("more_body"):
-            return message.get("body", b"")
+            body = message.get("body", b"")
+            if len(body) > self.max_body:  # a chunked body can arrive whole before it is read
+                raise Reject(413, self.too_large)
+            return body
         try:
             async with asyncio.timeout(BODY_TIMEOUT):  # a trickled body must not hold a task
                 return await self._read_rest(message, receive)

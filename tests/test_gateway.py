@@ -588,6 +588,19 @@ def test_an_absurd_content_length_is_413_not_a_crash(matrix):
     assert sent[0]["status"] == 413
 
 
+def test_a_chunked_body_that_arrives_whole_is_still_limited(matrix):
+    """A chunked body (no Content-Length) may be buffered whole by the server before the app
+    reads it, and then comes as one message: the limit holds for it too (it did not, and a
+    loaded machine showed it as a 400 where a 413 belonged)."""
+    app = gateway.build_app([matrix.models["gemma-3-12b"]], gateway.HTTPBackend({}), api_key=KEY,
+                            max_body_bytes=4096)
+    auth = (b"authorization", f"Bearer {KEY}".encode())
+    sent = asgi_call(app, "POST", gateway.COMPLETIONS, [auth], b"x" * 4097)
+    assert sent[0]["status"] == 413
+    sent = asgi_call(app, "POST", gateway.COMPLETIONS, [auth], b" " * 4096)
+    assert sent[0]["status"] == 400  # at the limit it is read (and is not JSON)
+
+
 class HeaderBackend:
     """A backend that reports something about the call in a response header."""
 
