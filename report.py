@@ -216,6 +216,8 @@ def _per_hour(run: dict) -> str:
     if isinstance(split, dict):
         text += " (" + ", ".join(f"{part} {_money(split.get(part), 3)}"
                                  for part in ("gpu", "cpu", "memory") if part in split) + ")"
+    elif run.get("usd_per_hour") is not None:
+        text += " (GPUs only: saved before CPU and memory were priced)"
     return text
 
 
@@ -613,9 +615,10 @@ def render(runs: Runs, *, source: str, generated_at: datetime | None = None) -> 
         "<title>modal-vllm results</title>"
         f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body><main>"
         "<h1>modal-vllm results</h1>"
-        f'<p class="muted">{_e(summary)} Costs are GPU time at models.yaml\'s prices for the '
-        "replicas the load needs, busy for the run's wall time (each run's own assumption is "
-        "in its table); batch costs are estimates.</p>"
+        f'<p class="muted">{_e(summary)} Costs are the replicas the load needs at '
+        "models.yaml's prices (GPUs, CPU and memory; runs saved before the CPU and memory were "
+        "priced: GPUs only), busy for the run's wall time (each run's own assumption is in its "
+        "table); batch costs are estimates.</p>"
         f"<nav><ul>{nav}</ul></nav>"
         + "".join(_bench_section(g) for g in groups)
         + _batch_section(runs.batch) + skipped

@@ -10,16 +10,16 @@ gap between tokens; 8 successful requests of 128 tokens make 1024 output tokens,
 | gpu  | started    | TTFT p99 | TPOT p99 | wall  | tok/s  | $/h    | $ / M out | note                  |
 |------|------------|----------|----------|-------|--------|--------|-----------|-----------------------|
 | a100 | 2026-11-12 | 500 ms   | 20 ms    | 1.0 s | 1024   | 2.8005 | 0.7597    | 2 more failed         |
-| h200 | 2026-06-01 | 200 ms   | 12 ms    | 0.8 s | 1280   | 4.8405 | 1.0505    | the oldest format     |
+| h200 | 2026-06-01 | 200 ms   | 12 ms    | 0.8 s | 1280   | 4.54   | 0.9852    | oldest: GPU-only price |
 | b200 | 2026-11-15 | 120 ms   | 10 ms    | 0.6 s | 1706.7 | 6.5505 | 1.0662    | GPU not reported      |
 | h100 | 2026-11-20 | 300 ms   | 15 ms    | 1.0 s | 1024   | 4.2505 | 1.1530    | newest: targets below |
 | l40s | 2026-11-10 | 900 ms   | 40 ms    | 2.0 s | 512    | 2.2505 | 1.2210    |                       |
 | h100 | 2026-11-01 | 350 ms   | 18 ms    | 1.6 s | 640    | 4.2505 | 1.8448    | superseded            |
 
 $/h is models.yaml's whole bill for one gemma-3-12b replica: the GPU's price plus 4 CPU cores
-($0.1886) and 14 GiB of memory ($0.1119). The newest run (h100) was ranked against TTFT p99
+($0.1886) and 14 GiB of memory ($0.1119); the oldest run was saved when only GPUs were priced. The newest run (h100) was ranked against TTFT p99
 <= 250 ms and TPOT p99 <= 30 ms: a100 failed requests, h100 and l40s miss TTFT, so the
-cheapest that meets them is h200 ($1.05), then b200. Under another load (1 in flight) one
+cheapest that meets them is h200 ($0.99), then b200. Under another load (1 in flight) one
 h100 run failed every request: nothing to draw, so it is listed instead.
 
 The batch runs are priced by batch.cost_estimate from replica counts: 2 gemma-3-12b and 1
@@ -49,7 +49,7 @@ RUNS = {
     "h100": ("2026-11-20T09:00:00.000+00:00", 0.3, 0.015, 1.0, 0),
 }
 EARLIER_H100 = ("2026-11-01T09:00:00.000+00:00", 0.35, 0.018, 1.6, 0)
-COST = {"a100": 0.7597, "h200": 1.0505, "b200": 1.0662, "h100": 1.153, "l40s": 1.221}
+COST = {"a100": 0.7597, "h200": 0.9852, "b200": 1.0662, "h100": 1.153, "l40s": 1.221}
 CHEAPEST = "h200"
 GPU_ACTUAL_H100 = {"name": "NVIDIA H200", "count": 1, "driver": "580.95.05", "vllm": "0.33.0"}
 
@@ -125,9 +125,11 @@ def write_runs(matrix, results_dir: Path) -> Path:
                      "hop_ms": {"mean": 41.5, "p50": 38.2, "p99": 95.0}}
         elif gpu == "b200":
             extra = {"gpu_actual": None, "hop_ms": None}
-        elif gpu == "h200":  # the first format: no replicas, targets, actual GPU, hop, split
-            targets, drop = None, ("replicas",)
-            extra = {"cost_assumption": "one replica busy for the run's wall time"}
+        elif gpu == "h200":  # the first format: no replicas, targets, actual GPU, hop, split;
+            # priced by the GPU alone, as runs were before CPU and memory were priced
+            targets, drop = None, ("replicas", "usd_per_hour_split")
+            extra = {"cost_assumption": "one replica busy for the run's wall time",
+                     "usd_per_hour": 4.54, "usd_per_million_output_tokens": 0.9852}
         save_run(matrix, results_dir, gpu, *run, targets=targets, extra=extra, drop=drop)
     save_run(matrix, results_dir, "h100", *EARLIER_H100, targets=TARGETS)
     save_run(matrix, results_dir, "h100", "2026-11-21T09:00:00.000+00:00", 0.3, 0.015, 1.0, 4,

@@ -93,6 +93,7 @@ def test_report_writes_one_self_contained_page(results):
     assert "NVIDIA H200 ×1, driver 580.95.05, vLLM 0.33.0" in page  # h100 asked, H200 ran
     assert "not recorded (older run)" in page and "not reported" in page
     assert "$4.25/h (gpu $3.950, cpu $0.189, memory $0.112)" in page
+    assert "$4.54/h (GPUs only: saved before CPU and memory were priced)" in page  # h200
     assert "HTTP 503: the server is starting" in page
     assert "Nothing to draw (the table shows every figure): h100 (0 completed, 4 failed: no " \
            "latency)." in page
@@ -304,7 +305,7 @@ def test_the_page_in_headless_chromium(results):
     assert table["verdict"][:2] == ["cheapest meeting the targets", "met"]
     assert table["verdict"][2] == "2 failed; TTFT p99 500 ms > 250 ms"
     assert table["requests failed"] == ["0", "0", "2", "0", "0"]
-    assert table["$ per M output tokens"] == ["$1.05", "$1.07", "$0.76", "$1.15", "$1.22"]
+    assert table["$ per M output tokens"] == ["$0.99", "$1.07", "$0.76", "$1.15", "$1.22"]
     assert table["GPU it ran on"] == ["not recorded (older run)", "not reported",
                                       "not recorded (older run)",
                                       "NVIDIA H200 ×1, driver 580.95.05, vLLM 0.33.0",
