@@ -451,7 +451,11 @@ async def _check_auth(probe: _Probe, model: config.Model, key) -> None:
         raise CheckFailed("expected 401: " + "; ".join(wrong))
 
 
-async def check_models(probe: _Probe, expected: list[config.Model]) -> None:
+async def check_models(probe: _Probe, expected: list[config.Model],
+                       serving: set[str] | None = None) -> str | None:
+    """The listing holds exactly the app's models. With `serving` (a set to fill: an endpoint
+    that is not Modal's, e.g. --serve-local in front of the servers someone runs), it may
+    list only some of them: those are what the suite then tests, and the rest are named."""
     data = (await probe.call("GET", "/v1/models")).json()
     listing = data.get("data") if isinstance(data, dict) else None
     if not isinstance(listing, list):
@@ -463,10 +467,17 @@ async def check_models(probe: _Probe, expected: list[config.Model]) -> None:
     found = {by_alias.get(str(i).lower()) for i in listed}
     missing = [m.name for m in expected if m.key not in found]
     extra = [str(i) for i in listed if str(i).lower() not in by_alias]
+    if serving is not None and missing and not extra and len(missing) < len(expected):
+        serving.update(m.key for m in expected if m.key in found)
+        return (f"lists {len(expected) - len(missing)} of the app's {len(expected)} models; "
+                f"not served here (not tested): {', '.join(missing)}")
     problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
         ([f"not expected {', '.join(extra)}"] if extra else [])
     if problems:
         raise CheckFailed("; ".join(problems))
+    if serving is not None:
+        serving.update(found)
+    return None
 
 
 async def check_chat(probe: _Probe, model: config.Model) -> None:
@@ -632,7 +643,7 @@ async def _run_check(endpoint: Endpoint, name: str, model_key: str, check, *args
     probe = _Probe(endpoint)
     result = CheckResult(name, model_key, False)
     try:
-        await check(probe, *args)
+        result.reason = await check(probe, *args) or ""  # a check may note something on a pass
         result.passed = True
     except CheckFailed as exc:
         result.reason = str(exc)
@@ -658,6 +669,9 @@ class Target:
     api_key: str | None = field(repr=False)
     deadline_s: float
     defaults: config.Defaults  # the matrix's: scaledown window, inputs per replica
+    # A --base-url that is not a Modal endpoint (your own servers behind --serve-local) may
+    # serve some of the app's models: the suite tests those it lists (see check_models).
+    listed_only: bool = False
 
     @property
     def expected(self) -> list[config.Model]:
@@ -686,13 +700,18 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
     if require_key and not api_key:
         raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
                                 "VLLM_API_KEY")
+    listed_only = False
     if base_url is None:
         import cloud  # the Modal lookup: imported only when no --base-url is given
 
         key = app.gpu.key if app.kind == "gpu" else config.legacy_key(served[0].key, app.gpu.key)
         base_url = cloud.endpoint_url(matrix, key, environment=environment)
+    else:
+        host = urlsplit(normalize_base_url(base_url)).hostname or ""
+        listed_only = not host.endswith(MODAL_HOST_SUFFIX)
     return Target(app, models, normalize_base_url(base_url), api_key,
-                  DEFAULT_DEADLINE if deadline_s is None else deadline_s, matrix.defaults)
+                  DEFAULT_DEADLINE if deadline_s is None else deadline_s, matrix.defaults,
+                  listed_only)
 
 
 async def run_suite(target: Target, on_result=None, on_wait=None) -> list[CheckResult]:
@@ -712,12 +731,22 @@ async def run_suite(target: Target, on_result=None, on_wait=None) -> list[CheckR
         record(await _run_check(endpoint, "health", "", check_health))
         record(await _run_check(endpoint, "auth.no-key", "", _check_auth, first, None))
         record(await _run_check(endpoint, "auth.wrong-key", "", _check_auth, first, wrong_key))
-        listing = record(await _run_check(endpoint, "models", "", check_models, target.expected))
+        serving: set[str] | None = set() if target.listed_only else None
+        listing = record(await _run_check(endpoint, "models", "", check_models, target.expected,
+                                          serving))
         if listing.key_rejected:
             for model in target.models:
                 record(CheckResult("(model checks)", model.key, False,
                                    reason="not run: the endpoint rejected the API key"))
             return results
+        tested = target.models
+        if serving:  # only what this endpoint lists; a model asked for by name must be there
+            tested = [m for m in target.models if m.key in serving]
+            if len(target.models) < len(target.expected):
+                for model in target.models:
+                    if model.key not in serving:
+                        record(CheckResult("(model checks)", model.key, False, reason=(
+                            "not run: this endpoint does not list it in /v1/models")))
 
         async def one_model(model: config.Model) -> None:
             for name, check in MODEL_CHECKS.items():
@@ -726,7 +755,7 @@ async def run_suite(target: Target, on_result=None, on_wait=None) -> list[CheckR
                 record(await _run_check(endpoint, f"adapter.{adapter.name}", model.key,
                                         check_adapter, model, adapter))
 
-        await asyncio.gather(*(one_model(m) for m in target.models))
+        await asyncio.gather(*(one_model(m) for m in tested))
     order = {name: i for i, name in enumerate([*ENDPOINT_CHECKS, *MODEL_CHECKS])}
     models = {"": -1, **{m.key: i for i, m in enumerate(target.models)}}
     return sorted(results, key=lambda r: (models[r.model], order.get(r.check, len(order))))

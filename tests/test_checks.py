@@ -25,6 +25,7 @@ import checks
 import config
 import deploy
 import gateway
+import plan
 
 KEY = "sk-checks-test-key-0123456789"
 H100_MODELS = ["gemma-3-12b", "gemma-3-27b", "qwen3-vl-30b"]
@@ -178,12 +179,47 @@ def test_a_backend_that_rejects_the_gateways_key_fails_fast(matrix):
 def test_a_legacy_app_is_expected_to_serve_exactly_its_model(matrix):
     with gateway_before(matrix, standin(), models=["gemma-3-12b"]) as url:
         legacy = run("--test", "gemma-3-12b-h100", "--base-url", url, "--api-key", KEY, "--json")
-        gpu = suite(url, "--test-model", "gemma-3-12b", expect=1)
     assert legacy.exit_code == 0, legacy.output
     assert json.loads(legacy.stdout)["app"] == "vllm-gemma-3-12b-h100"
-    assert failed(gpu) == {("models", "")}
-    assert reasons(gpu, "models") == [
-        "missing google/gemma-3-27b-it, Qwen/Qwen3-VL-30B-A3B-Instruct"]
+    assert reasons(json.loads(legacy.stdout), "models") == [""]
+
+
+def test_your_own_endpoint_is_tested_for_the_models_it_lists(matrix):
+    """--serve-local in front of one server (e.g. a bare --upstream) serves one of the h100
+    app's three models: the suite tests that one and names the others, instead of failing
+    20 checks for models nobody started."""
+    with gateway_before(matrix, standin(), models=["gemma-3-12b"]) as url:
+        report = suite(url)
+        named = suite(url, "--test-model", "qwen3-vl-30b", expect=1)
+    assert failed(report) == set()
+    assert {c["model"] for c in report["checks"]} == {"", "gemma-3-12b"}
+    assert reasons(report, "models") == [(
+        "lists 1 of the app's 3 models; not served here (not tested): google/gemma-3-27b-it, "
+        "Qwen/Qwen3-VL-30B-A3B-Instruct")]
+    assert failed(named) == {("(model checks)", "qwen3-vl-30b")}  # asked for by name: a failure
+    assert reasons(named, "(model checks)") == [
+        "not run: this endpoint does not list it in /v1/models"]
+
+
+def test_a_modal_endpoint_must_list_every_model_of_its_app(matrix):
+    app = plan.gpu_app(matrix, "h100")
+    modal = checks.resolve_target(matrix, app, test_model=None, api_key=KEY, deadline_s=1,
+                                  base_url="https://acme--vllm-h100-serve.modal.run")
+    local = checks.resolve_target(matrix, app, test_model=None, api_key=KEY, deadline_s=1,
+                                  base_url="http://127.0.0.1:8080")
+    assert not modal.listed_only and local.listed_only
+    listing = {"object": "list", "data": [{"id": "google/gemma-3-12b-it", "parent": None}]}
+    with ThreadServer(Scripted((200, listing, []), (200, listing, []))) as server:
+        async def check(serving):
+            async with checks.Endpoint(server.url, KEY, deadline_s=5) as endpoint:
+                return await checks.check_models(checks._Probe(endpoint), modal.expected,
+                                                 serving)
+
+        with pytest.raises(checks.CheckFailed, match=r"^missing google/gemma-3-27b-it, Qwen/"):
+            asyncio.run(check(None))
+        serving = set()
+        assert asyncio.run(check(serving)).startswith("lists 1 of the app's 3 models")
+        assert serving == {"gemma-3-12b"}
 
 
 def test_without_base_url_the_endpoint_is_looked_up_on_modal(matrix, monkeypatch):
