@@ -199,6 +199,11 @@ def test_dry_run_one_gpu_shows_app_endpoint_secrets_volumes_and_commands():
         assert fragment in lines, out
 
 
+def test_the_readme_shows_a_dry_run_as_it_prints():
+    """The README's dry-run block is the real output, so its prices cannot go stale."""
+    assert _readme_block("vllm-l40s (gpu app)") == ok("--gpu", "l40s", "--dry-run")
+
+
 def test_dry_run_all_shows_five_apps_and_fifteen_pools():
     out = ok("--all", "--dry-run")
     apps = [line for line in out.splitlines() if line.endswith("(gpu app)")]
