@@ -699,7 +699,7 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
         models = [model]
     if require_key and not api_key:
         raise config.UsageError("the suite needs the endpoint's key: --api-key KEY or "
-                                "VLLM_API_KEY")
+                                "VLLM_API_KEY (in the environment or ./.env)")
     listed_only = False
     if base_url is None:
         import cloud  # the Modal lookup: imported only when no --base-url is given

@@ -28,6 +28,33 @@ from urllib.parse import urlsplit
 import typer
 from typer.core import TyperCommand
 
+API_KEY_ENV = "VLLM_API_KEY"
+
+
+def api_key_from_environment() -> str | None:
+    """The endpoints' key: VLLM_API_KEY from the environment, else from `./.env`, the file
+    the spec's LiteLLM set-up writes it in (and docker compose reads), so the spec's
+    `deploy.py --test-gpu h100` works as written there. MODAL_VLLM_ENV_FILE names another
+    file (the tests point it at an empty home). Only that one variable is read."""
+    key = os.environ.get(API_KEY_ENV)
+    if key:
+        return key
+    try:
+        with open(os.environ.get("MODAL_VLLM_ENV_FILE", ".env"), encoding="utf-8") as f:
+            lines = f.read(1 << 20).splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        name, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and name.strip() == API_KEY_ENV:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            else:
+                value = value.split(" #", 1)[0].strip()  # docker compose's inline comment
+            return value or None
+    return None
+
 
 def print_error(text: str) -> None:
     """Each line of `text` as one `Error: ...` line on stderr, never wrapped, never markup."""

@@ -44,6 +44,7 @@ EXAMPLES = """
   2 usage error                      7 limit reached (endpoints, quota)
   3 invalid models.yaml              8 build or deploy failed
   4 not authenticated with Modal     9 the local gateway cannot listen
+  130 --batch stopped with Ctrl-C (run it again to resume)
 """
 
 MATRIX = "Matrix"
@@ -354,12 +355,10 @@ def _split_text(split: dict) -> str:
 
 
 def _serve_local(matrix: config.Matrix, o) -> None:
-    import os
-
     import gateway
 
     gateway.serve_local(matrix, o.upstream or [], host=o.host, port=o.port,
-                        api_key=os.environ.get("VLLM_API_KEY") or None,
+                        api_key=command_line.api_key_from_environment(),
                         allow_unauthenticated=o.allow_unauthenticated)
 
 
@@ -370,8 +369,6 @@ BENCH_OPTIONS = (*LOAD_OPTIONS, "max_ttft_ms", "max_tpot_ms", "results_dir")
 
 
 def _test_and_bench(matrix: config.Matrix, o) -> None:
-    import os
-
     import checks
     import plan
 
@@ -392,7 +389,7 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
     keep_warm_s = config.parse_duration(o.keep_warm) if o.keep_warm else None
     target = checks.resolve_target(
         matrix, app, test_model=o.test_model, base_url=o.base_url,
-        api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
+        api_key=o.api_key or command_line.api_key_from_environment(),
         deadline_s=config.parse_duration(o.deadline) if o.deadline else None,
         environment=o.environment, require_key=bool(o.test_gpu or o.test))
     if o.test_gpu or o.test:
@@ -414,15 +411,13 @@ def _test_and_bench(matrix: config.Matrix, o) -> None:
 
 
 def _batch(matrix: config.Matrix, o) -> None:
-    import os
-
     import batch
     import plan
 
     code = batch.batch_command(
         matrix, plan.app_for_key(matrix, o.batch), o.batch, input_path=o.input_file,
         output=o.output, test_model=o.test_model, base_url=o.base_url,
-        api_key=o.api_key or os.environ.get("VLLM_API_KEY") or None,
+        api_key=o.api_key or command_line.api_key_from_environment(),
         api_key_given=bool(o.api_key), deadline=o.deadline, concurrency=o.concurrency,
         environment=o.environment,
         config_path=None if o.config_path == config.DEFAULT_PATH else o.config_path,
@@ -470,8 +465,6 @@ def _report(matrix: config.Matrix, o) -> None:
 
 
 def _url(matrix: config.Matrix, o) -> None:
-    import os
-
     import cloud
     import exports
 
@@ -482,9 +475,10 @@ def _url(matrix: config.Matrix, o) -> None:
     if o.with_key:
         if chosen == "url":
             raise config.UsageError("--with-key goes with --format env or --format json")
-        key = os.environ.get(exports.API_KEY_ENV)
+        key = command_line.api_key_from_environment()
         if not key:
-            raise config.UsageError(f"--with-key reads {exports.API_KEY_ENV}, which is not set")
+            raise config.UsageError(f"--with-key reads {exports.API_KEY_ENV}, which is not set "
+                                    "(in the environment or ./.env)")
     found = cloud.endpoint_url(matrix, o.url, environment=o.environment)
     sys.stdout.write(exports.endpoint_text(found, chosen, api_key=key))
 
@@ -639,7 +633,7 @@ def main(
         rich_help_panel=LEGACY)] = None,
     serve_local: Annotated[bool, typer.Option(
         "--serve-local", help="Run the gateway here, in front of OpenAI-compatible servers you "
-        "already run (e.g. vllm serve); the key comes from VLLM_API_KEY.",
+        "already run (e.g. vllm serve); the key comes from VLLM_API_KEY (or ./.env).",
         rich_help_panel=LOCAL)] = False,
     upstream: Annotated[list[str] | None, typer.Option(
         "--upstream", metavar="MODEL=URL", help="Where one model is served (repeatable); a bare "
@@ -697,8 +691,8 @@ def main(
         "--base-url", metavar="URL", help="Test, warm, benchmark or run a batch against this "
         "endpoint instead of looking the app's URL up on Modal.", rich_help_panel=TEST)] = None,
     api_key: Annotated[str | None, typer.Option(
-        "--api-key", metavar="KEY", help="Bearer key of the endpoint (default: $VLLM_API_KEY); "
-        "never printed.", rich_help_panel=TEST, show_default=False)] = None,
+        "--api-key", metavar="KEY", help="Bearer key of the endpoint (default: $VLLM_API_KEY, "
+        "else VLLM_API_KEY in ./.env); never printed.", rich_help_panel=TEST, show_default=False)] = None,
     deadline: Annotated[str | None, typer.Option(
         "--deadline", metavar="DURATION", help="How long to wait through cold starts "
         "(e.g. 90s, 15m; with --batch: how long a model may answer nothing) \\[default: 15m].",

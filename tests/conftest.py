@@ -19,6 +19,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
                  "API_KEY", "MODAL_VLLM_CONFIG", "MODAL_CONFIG_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MODAL_CONFIG_PATH", str(home / ".modal.toml"))
+    monkeypatch.setenv("MODAL_VLLM_ENV_FILE", str(home / ".env"))  # not a .env in the checkout
     return home
 
 

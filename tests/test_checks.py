@@ -292,7 +292,26 @@ def test_a_missing_key_is_said_before_the_modal_lookup(monkeypatch):
     result = run("--test-gpu", "h100")
     assert result.exit_code == 2, result.output
     assert result.stderr == ("Error: the suite needs the endpoint's key: --api-key KEY or "
-                             "VLLM_API_KEY\n")
+                             "VLLM_API_KEY (in the environment or ./.env)\n")
+
+
+def test_the_key_may_come_from_the_env_file_the_litellm_set_up_writes(matrix, monkeypatch,
+                                                                      tmp_path):
+    """The spec runs `deploy.py --test-gpu h100` with no key on the command line; its
+    LiteLLM set-up keeps VLLM_API_KEY in ./.env (docker compose's file): read from there."""
+    env_file = tmp_path / ".env"
+    monkeypatch.setenv("MODAL_VLLM_ENV_FILE", str(env_file))
+    with gateway_before(matrix, standin()) as url:
+        for line in (f"VLLM_API_KEY={KEY}", f'export VLLM_API_KEY="{KEY}"',
+                     f"VLLM_API_KEY={KEY}  # the gateway's key"):
+            env_file.write_text(f"# the proxy\nMODAL_WORKSPACE=acme\n{line}\n")
+            result = run("--test-gpu", "h100", "--base-url", url, "--test-model", "gemma-3-12b",
+                         "--json")
+            assert result.exit_code == 0, (line, result.output)
+        monkeypatch.setenv("VLLM_API_KEY", "sk-the-environment-wins-0123")
+        result = run("--test-gpu", "h100", "--base-url", url, "--test-model", "gemma-3-12b",
+                     "--json")
+    assert result.exit_code == 1 and "the endpoint rejected the API key" in result.stdout
 
 
 @pytest.mark.parametrize("action", ["--test-gpu", "--warm"])

@@ -279,7 +279,7 @@ def test_url_json_with_key_and_environment(deployed):
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["--url", "h100", "--format", "yaml"], {}, "--format 'yaml': choose one of url, env, json"),
     (["--url", "h100", "--format", "env", "--with-key"], {},
-     "--with-key reads VLLM_API_KEY, which is not set"),
+     "--with-key reads VLLM_API_KEY, which is not set (in the environment or ./.env)"),
     (["--url", "h100", "--with-key"], {"VLLM_API_KEY": KEY}, "--with-key goes with --format env"),
     (["--url", "h100", "--format", "env", "--json"], {}, "--json and --format env disagree"),
     (["--list", "--format", "env"], {}, "--format goes with --url, not --list"),
