@@ -160,7 +160,7 @@ _OBJECT = msgspec.json.Decoder(msgspec.defstruct("AnyObject", []))  # checks syn
 _encode = msgspec.json.encode
 _LAX_INT, _LAX_BOOL = TypeAdapter(int), TypeAdapter(bool)
 INVALID = object()  # a value vLLM will refuse itself: the gateway leaves it to vLLM's 400
-_SCALAR = 256  # bytes: no lax int or bool is longer; longer values are not decoded at all
+_SCALAR = 256  # bytes: longer values are not decoded at all (no honest n or stream is longer)
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # linear: run only on syntactically valid JSON
 _BRACKETS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
@@ -218,11 +218,19 @@ def _decoded(raw: Raw, limit: int | None = _SCALAR):
     return _VALUE.decode(raw)
 
 
-def lax_int(raw: Raw | None, default):
+def _scalar(raw: Raw, field: str, kind: str):
+    """A value the gateway decides on, decoded; a 400 if too long to decode cheaply. It cannot
+    be left to vLLM: json.loads and pydantic read `129.000…0` or `"   …129"` at any length."""
+    if len(raw) > _SCALAR:
+        raise _reject(400, f"'{field}' must be {kind} of at most {_SCALAR} bytes", field)
+    return _decoded(raw)
+
+
+def lax_int(raw: Raw | None, default, field: str = "n"):
     """The integer pydantic's lax mode (so vLLM) makes of a raw value, or INVALID."""
     if raw is None:
         return default
-    value = _decoded(raw)
+    value = _scalar(raw, field, "an integer")
     if type(value) is int:
         return value
     if value is None or value is INVALID:
@@ -233,15 +241,15 @@ def lax_int(raw: Raw | None, default):
         return INVALID
 
 
-def lax_bool(raw: Raw | None) -> bool:
+def lax_bool(raw: Raw | None, field: str = "stream") -> bool:
     """Whether vLLM takes a raw `stream` (or `echo`) as true: pydantic's lax bool."""
     if raw is None:
         return False
-    value = _decoded(raw)
+    value = _scalar(raw, field, "a boolean")
     if value is True or value is False:
         return value
-    if value is None or value is INVALID:
-        return False  # null is vLLM's default; anything longer vLLM refuses with a 400
+    if value is None:
+        return False  # null is vLLM's default
     try:
         return _LAX_BOOL.validate_python(value)
     except ValidationError:

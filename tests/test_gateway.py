@@ -754,6 +754,27 @@ def test_the_clients_bytes_are_forwarded_unchanged_when_nothing_is_rewritten(env
                                        b'"temperature":0.50}')
 
 
+LONG = 300  # bytes: past what the gateway decodes of a value it decides on
+
+
+@pytest.mark.parametrize(("field", "value", "means"), [
+    ("n", b"129." + b"0" * LONG, 129), ("n", b'"' + b" " * LONG + b'129"', 129),
+    ("n", b'"' + b"0" * LONG + b'129"', 129), ("stream", b"1." + b"0" * LONG, True),
+])
+@pytest.mark.parametrize("path", [gateway.CHAT, gateway.COMPLETIONS])
+def test_a_long_spelling_of_n_or_stream_is_refused_not_passed_on(env, field, value, means, path):
+    """vLLM reads `129.000...0` or `"   ...129"` at any length (json.loads, then pydantic's lax
+    mode): passed on unread, they went around the n cap, or streamed an answer the gateway
+    waited for as one JSON object (a 502 once generation ended)."""
+    body = b'{"model": "gemma-3-12b", "messages": [], "prompt": "x", "%s": %s}' % (
+        field.encode(), value)
+    lax = gateway._LAX_INT if field == "n" else gateway._LAX_BOOL
+    assert lax.validate_python(json.loads(body)[field]) == means  # what vLLM would use
+    with raw(env["url"]) as client:
+        error = assert_openai_error(client.post(path, content=body), 400)
+    assert error["param"] == field and not env["a"].received
+
+
 def test_duplicate_keys_are_read_as_vllm_reads_them_the_last_one_wins(env):
     body = b'{"model": "gemma-3-12b", "prompt": "x", "n": 1, "n": 500}'
     with raw(env["url"]) as client:
