@@ -204,6 +204,8 @@ def parse_body(body: bytes) -> dict[str, Raw]:
         raise _reject(400, "request body must be a JSON object") from None
     except msgspec.DecodeError:
         raise _reject(400, "request body is not valid JSON") from None
+    except UnicodeDecodeError:  # in a key; the values' strings are checked only when decoded
+        raise _reject(400, "request body is not valid UTF-8") from None
 
 
 def _first(raw: Raw) -> bytes:
@@ -215,7 +217,12 @@ def _decoded(raw: Raw, limit: int | None = _SCALAR):
     """A raw value decoded (INVALID if longer than `limit`: no value the gateway coerces is)."""
     if limit is not None and len(raw) > limit:
         return INVALID
-    return _VALUE.decode(raw)
+    try:
+        return _VALUE.decode(raw)
+    except (msgspec.ValidationError, UnicodeDecodeError):
+        # 1e400 is past msgspec's range (json.loads makes it inf, which vLLM refuses as an
+        # int, a bool or a format type); msgspec checks a raw string's UTF-8 only here.
+        return INVALID
 
 
 def _scalar(raw: Raw, field: str, kind: str):
@@ -248,8 +255,8 @@ def lax_bool(raw: Raw | None, field: str = "stream") -> bool:
     value = _scalar(raw, field, "a boolean")
     if value is True or value is False:
         return value
-    if value is None:
-        return False  # null is vLLM's default
+    if value is None or value is INVALID:
+        return False  # null is vLLM's default; vLLM refuses the rest with a 400
     try:
         return _LAX_BOOL.validate_python(value)
     except ValidationError:
@@ -301,7 +308,15 @@ def _object_keys(raw: Raw | None, field: str) -> dict[str, Raw] | None:
         return None
     if _first(raw) != b"{":  # vLLM 0.33 crashes into a 500 on these
         raise _reject(400, f"{field} must be an object", field)
-    return _TOP.decode(raw)
+    return _members(raw)
+
+
+def _members(raw: Raw) -> dict[str, Raw]:
+    """A nested object's members: its keys are decoded, and only now checked as UTF-8."""
+    try:
+        return _TOP.decode(raw)
+    except UnicodeDecodeError:
+        raise _reject(400, "request body is not valid UTF-8") from None
 
 
 def normalize_structured_outputs(fields: dict[str, Raw]) -> bool:
@@ -315,7 +330,7 @@ def normalize_structured_outputs(fields: dict[str, Raw]) -> bool:
     kinds = []
     fmt_raw = fields.get("response_format")
     if fmt_raw is not None and _first(fmt_raw) == b"{":
-        kind = _decoded(_TOP.decode(fmt_raw).get("type", _NULL))
+        kind = _decoded(_members(fmt_raw).get("type", _NULL))
         if kind in CONSTRAINING_FORMATS:
             kinds.append(f"response_format {kind}")
     if so:
@@ -610,7 +625,10 @@ class Gateway:
             raise _reject(400, f"missing 'model'; served models: {self.served}", "model")
         if _first(raw) != b'"':
             raise _reject(400, "'model' must be a string", "model")
-        name = _VALUE.decode(raw)
+        try:
+            name = _VALUE.decode(raw)
+        except UnicodeDecodeError:  # top-level decoding kept the value raw, unchecked
+            raise _reject(400, "'model' is not valid UTF-8", "model") from None
         seen["requested"] = name
         try:
             return self.route_model(name)

@@ -354,6 +354,13 @@ def test_model_not_served_on_this_gpu_says_why(env):
     (b"[" * 100_000, 400), (b'{"messages": []}', 400), (b'{"model": 12}', 400),
     (b'{"model": null}', 400), (b'{"model": ["gemma-3-12b"]}', 400),
     (b'{"model": "gemma-3-12b", "messages": [], "max_tokens": 0}', 400),
+    # Past msgspec's range or UTF-8: these were 500s in uvicorn's plain text, not JSON.
+    (b'{"model": "gemma-3-12b", "messages": [], "n": 1e400}', 400),
+    (b'{"model": "gemma-3-12b", "messages": [], "stream": -1e400}', 400),
+    ((b'{"model": "gemma-3-12b", "messages": [], "response_format": {"type": 1e400},'
+      b' "guided_choice": ["a"]}'), 400),
+    (b'{"model": "gemma\xff", "messages": []}', 400), (b'{"\xff": 1}', 400),
+    (b'{"model": "gemma-3-12b", "messages": [], "structured_outputs": {"\xff": 1}}', 400),
 ])
 def test_invalid_bodies_are_openai_shaped_4xx(env, body, status):
     with raw(env["url"]) as client:
