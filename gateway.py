@@ -940,12 +940,18 @@ def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, st
             if named.get(key, default) is not None}
 
 
+LISTING_TIMEOUT = 5.0  # seconds for an upstream's /v1/models (start-up waits for it)
+
+
 async def upstream_model_ids(backend: HTTPBackend, base_url: str) -> set[str] | None:
     """The ids an OpenAI-compatible server lists at GET /v1/models (lower case), or None."""
     url = base_url.rstrip("/").removesuffix("/v1") + "/v1/models"
     aiohttp = backend.aiohttp
     try:
-        async with backend._session().get(url, headers=backend.headers) as resp:
+        # Not the session's hour-long read timeout: start-up, and requests naming an unlisted
+        # model, wait for this answer; a hung upstream held the gateway silent for the hour.
+        async with backend._session().get(url, headers=backend.headers, timeout=(
+                aiohttp.ClientTimeout(total=LISTING_TIMEOUT))) as resp:
             if resp.status != 200:
                 return None
             listing = json.loads(await resp.read())
