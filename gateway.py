@@ -446,6 +446,7 @@ class Gateway:
         self.not_found = error_body(404, "not found: this endpoint serves /v1/models, "
                                          "/v1/chat/completions and /v1/completions")
         self.too_large = error_body(413, f"request body larger than {max_body_bytes} bytes")
+        self.internal_error = error_body(500, "the gateway failed to handle the request")
         self.too_slow = error_body(408, f"request body not received within {BODY_TIMEOUT:g} s")
 
     def set_models(self, models, unavailable=None) -> None:
@@ -516,6 +517,11 @@ class Gateway:
                 raise
             asyncio.current_task().uncancel()  # the client left; nothing to answer
             ex.status = 499
+        except Exception as e:  # a failure here still answers in OpenAI's shape, logged once
+            seen["error"] = f"gateway failed: {type(e).__name__}"
+            if not ex.started and not ex.done:
+                await ex.reply(500, self.internal_error)
+            raise  # the server logs the traceback
         finally:
             if ex.watcher is not None:
                 ex.watcher.cancel()

@@ -608,6 +608,36 @@ def test_a_chunked_body_that_arrives_whole_is_still_limited(matrix):
     assert sent[0]["status"] == 400  # at the limit it is read (and is not JSON)
 
 
+def test_a_failure_inside_the_gateway_is_an_openai_shaped_500_and_logged(matrix, caplog):
+    """What the gateway does not foresee (here a refresh of what is served that raises, as a
+    bare upstream's malformed listing could) still answers in OpenAI's shape, with the
+    status in its log line; it was uvicorn's plain-text 500, logged as status 0."""
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def refresh(force=False):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    app = gateway.build_app([matrix.models["gemma-3-12b"]], gateway.HTTPBackend({}), api_key=KEY,
+                            refresh=refresh)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"model": "nope"}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": gateway.CHAT,
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
+    with pytest.raises(RecursionError):  # re-raised once answered: the server logs its trace
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 500
+    error = json.loads(sent[1]["body"])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == 500
+    (line,) = log_lines(caplog)
+    assert line["status"] == 500 and line["error"] == "gateway failed: RecursionError"
+
+
 class HeaderBackend:
     """A backend that reports something about the call in a response header."""
 
