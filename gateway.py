@@ -160,7 +160,7 @@ _OBJECT = msgspec.json.Decoder(msgspec.defstruct("AnyObject", []))  # checks syn
 _encode = msgspec.json.encode
 _LAX_INT, _LAX_BOOL = TypeAdapter(int), TypeAdapter(bool)
 INVALID = object()  # a value vLLM will refuse itself: the gateway leaves it to vLLM's 400
-_SCALAR = 256  # bytes: no lax int or bool is longer; longer values are not decoded at all
+_SCALAR = 256  # bytes: longer values are not decoded at all (no honest n or stream is longer)
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # linear: run only on syntactically valid JSON
 _BRACKETS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
@@ -204,6 +204,8 @@ def parse_body(body: bytes) -> dict[str, Raw]:
         raise _reject(400, "request body must be a JSON object") from None
     except msgspec.DecodeError:
         raise _reject(400, "request body is not valid JSON") from None
+    except UnicodeDecodeError:  # in a key; the values' strings are checked only when decoded
+        raise _reject(400, "request body is not valid UTF-8") from None
 
 
 def _first(raw: Raw) -> bytes:
@@ -215,14 +217,27 @@ def _decoded(raw: Raw, limit: int | None = _SCALAR):
     """A raw value decoded (INVALID if longer than `limit`: no value the gateway coerces is)."""
     if limit is not None and len(raw) > limit:
         return INVALID
-    return _VALUE.decode(raw)
+    try:
+        return _VALUE.decode(raw)
+    except (msgspec.ValidationError, UnicodeDecodeError):
+        # 1e400 is past msgspec's range (json.loads makes it inf, which vLLM refuses as an
+        # int, a bool or a format type); msgspec checks a raw string's UTF-8 only here.
+        return INVALID
 
 
-def lax_int(raw: Raw | None, default):
+def _scalar(raw: Raw, field: str, kind: str):
+    """A value the gateway decides on, decoded; a 400 if too long to decode cheaply. It cannot
+    be left to vLLM: json.loads and pydantic read `129.000…0` or `"   …129"` at any length."""
+    if len(raw) > _SCALAR:
+        raise _reject(400, f"'{field}' must be {kind} of at most {_SCALAR} bytes", field)
+    return _decoded(raw)
+
+
+def lax_int(raw: Raw | None, default, field: str = "n"):
     """The integer pydantic's lax mode (so vLLM) makes of a raw value, or INVALID."""
     if raw is None:
         return default
-    value = _decoded(raw)
+    value = _scalar(raw, field, "an integer")
     if type(value) is int:
         return value
     if value is None or value is INVALID:
@@ -233,15 +248,15 @@ def lax_int(raw: Raw | None, default):
         return INVALID
 
 
-def lax_bool(raw: Raw | None) -> bool:
+def lax_bool(raw: Raw | None, field: str = "stream") -> bool:
     """Whether vLLM takes a raw `stream` (or `echo`) as true: pydantic's lax bool."""
     if raw is None:
         return False
-    value = _decoded(raw)
+    value = _scalar(raw, field, "a boolean")
     if value is True or value is False:
         return value
     if value is None or value is INVALID:
-        return False  # null is vLLM's default; anything longer vLLM refuses with a 400
+        return False  # null is vLLM's default; vLLM refuses the rest with a 400
     try:
         return _LAX_BOOL.validate_python(value)
     except ValidationError:
@@ -293,7 +308,15 @@ def _object_keys(raw: Raw | None, field: str) -> dict[str, Raw] | None:
         return None
     if _first(raw) != b"{":  # vLLM 0.33 crashes into a 500 on these
         raise _reject(400, f"{field} must be an object", field)
-    return _TOP.decode(raw)
+    return _members(raw)
+
+
+def _members(raw: Raw) -> dict[str, Raw]:
+    """A nested object's members: its keys are decoded, and only now checked as UTF-8."""
+    try:
+        return _TOP.decode(raw)
+    except UnicodeDecodeError:
+        raise _reject(400, "request body is not valid UTF-8") from None
 
 
 def normalize_structured_outputs(fields: dict[str, Raw]) -> bool:
@@ -307,7 +330,7 @@ def normalize_structured_outputs(fields: dict[str, Raw]) -> bool:
     kinds = []
     fmt_raw = fields.get("response_format")
     if fmt_raw is not None and _first(fmt_raw) == b"{":
-        kind = _decoded(_TOP.decode(fmt_raw).get("type", _NULL))
+        kind = _decoded(_members(fmt_raw).get("type", _NULL))
         if kind in CONSTRAINING_FORMATS:
             kinds.append(f"response_format {kind}")
     if so:
@@ -423,6 +446,7 @@ class Gateway:
         self.not_found = error_body(404, "not found: this endpoint serves /v1/models, "
                                          "/v1/chat/completions and /v1/completions")
         self.too_large = error_body(413, f"request body larger than {max_body_bytes} bytes")
+        self.internal_error = error_body(500, "the gateway failed to handle the request")
         self.too_slow = error_body(408, f"request body not received within {BODY_TIMEOUT:g} s")
 
     def set_models(self, models, unavailable=None) -> None:
@@ -493,6 +517,11 @@ class Gateway:
                 raise
             asyncio.current_task().uncancel()  # the client left; nothing to answer
             ex.status = 499
+        except Exception as e:  # a failure here still answers in OpenAI's shape, logged once
+            seen["error"] = f"gateway failed: {type(e).__name__}"
+            if not ex.started and not ex.done:
+                await ex.reply(500, self.internal_error)
+            raise  # the server logs the traceback
         finally:
             if ex.watcher is not None:
                 ex.watcher.cancel()
@@ -602,7 +631,10 @@ class Gateway:
             raise _reject(400, f"missing 'model'; served models: {self.served}", "model")
         if _first(raw) != b'"':
             raise _reject(400, "'model' must be a string", "model")
-        name = _VALUE.decode(raw)
+        try:
+            name = _VALUE.decode(raw)
+        except UnicodeDecodeError:  # top-level decoding kept the value raw, unchecked
+            raise _reject(400, "'model' is not valid UTF-8", "model") from None
         seen["requested"] = name
         try:
             return self.route_model(name)
@@ -914,12 +946,18 @@ def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, st
             if named.get(key, default) is not None}
 
 
+LISTING_TIMEOUT = 5.0  # seconds for an upstream's /v1/models (start-up waits for it)
+
+
 async def upstream_model_ids(backend: HTTPBackend, base_url: str) -> set[str] | None:
     """The ids an OpenAI-compatible server lists at GET /v1/models (lower case), or None."""
     url = base_url.rstrip("/").removesuffix("/v1") + "/v1/models"
     aiohttp = backend.aiohttp
     try:
-        async with backend._session().get(url, headers=backend.headers) as resp:
+        # Not the session's hour-long read timeout: start-up, and requests naming an unlisted
+        # model, wait for this answer; a hung upstream held the gateway silent for the hour.
+        async with backend._session().get(url, headers=backend.headers, timeout=(
+                aiohttp.ClientTimeout(total=LISTING_TIMEOUT))) as resp:
             if resp.status != 200:
                 return None
             listing = json.loads(await resp.read())

@@ -354,6 +354,13 @@ def test_model_not_served_on_this_gpu_says_why(env):
     (b"[" * 100_000, 400), (b'{"messages": []}', 400), (b'{"model": 12}', 400),
     (b'{"model": null}', 400), (b'{"model": ["gemma-3-12b"]}', 400),
     (b'{"model": "gemma-3-12b", "messages": [], "max_tokens": 0}', 400),
+    # Past msgspec's range or UTF-8: these were 500s in uvicorn's plain text, not JSON.
+    (b'{"model": "gemma-3-12b", "messages": [], "n": 1e400}', 400),
+    (b'{"model": "gemma-3-12b", "messages": [], "stream": -1e400}', 400),
+    ((b'{"model": "gemma-3-12b", "messages": [], "response_format": {"type": 1e400},'
+      b' "guided_choice": ["a"]}'), 400),
+    (b'{"model": "gemma\xff", "messages": []}', 400), (b'{"\xff": 1}', 400),
+    (b'{"model": "gemma-3-12b", "messages": [], "structured_outputs": {"\xff": 1}}', 400),
 ])
 def test_invalid_bodies_are_openai_shaped_4xx(env, body, status):
     with raw(env["url"]) as client:
@@ -601,6 +608,36 @@ def test_a_chunked_body_that_arrives_whole_is_still_limited(matrix):
     assert sent[0]["status"] == 400  # at the limit it is read (and is not JSON)
 
 
+def test_a_failure_inside_the_gateway_is_an_openai_shaped_500_and_logged(matrix, caplog):
+    """What the gateway does not foresee (here a refresh of what is served that raises, as a
+    bare upstream's malformed listing could) still answers in OpenAI's shape, with the
+    status in its log line; it was uvicorn's plain-text 500, logged as status 0."""
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    async def refresh(force=False):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    app = gateway.build_app([matrix.models["gemma-3-12b"]], gateway.HTTPBackend({}), api_key=KEY,
+                            refresh=refresh)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"model": "nope"}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": gateway.CHAT,
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
+    with pytest.raises(RecursionError):  # re-raised once answered: the server logs its trace
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 500
+    error = json.loads(sent[1]["body"])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == 500
+    (line,) = log_lines(caplog)
+    assert line["status"] == 500 and line["error"] == "gateway failed: RecursionError"
+
+
 class HeaderBackend:
     """A backend that reports something about the call in a response header."""
 
@@ -752,6 +789,27 @@ def test_the_clients_bytes_are_forwarded_unchanged_when_nothing_is_rewritten(env
     assert env["a"].raw_bodies[-1] == (b'{"model":"google/gemma-3-12b-it","prompt":'
                                        b'"caf\\u00e9 \xf0\x9f\x98\x80","max_tokens":1.0e0,'
                                        b'"temperature":0.50}')
+
+
+LONG = 300  # bytes: past what the gateway decodes of a value it decides on
+
+
+@pytest.mark.parametrize(("field", "value", "means"), [
+    ("n", b"129." + b"0" * LONG, 129), ("n", b'"' + b" " * LONG + b'129"', 129),
+    ("n", b'"' + b"0" * LONG + b'129"', 129), ("stream", b"1." + b"0" * LONG, True),
+])
+@pytest.mark.parametrize("path", [gateway.CHAT, gateway.COMPLETIONS])
+def test_a_long_spelling_of_n_or_stream_is_refused_not_passed_on(env, field, value, means, path):
+    """vLLM reads `129.000...0` or `"   ...129"` at any length (json.loads, then pydantic's lax
+    mode): passed on unread, they went around the n cap, or streamed an answer the gateway
+    waited for as one JSON object (a 502 once generation ended)."""
+    body = b'{"model": "gemma-3-12b", "messages": [], "prompt": "x", "%s": %s}' % (
+        field.encode(), value)
+    lax = gateway._LAX_INT if field == "n" else gateway._LAX_BOOL
+    assert lax.validate_python(json.loads(body)[field]) == means  # what vLLM would use
+    with raw(env["url"]) as client:
+        error = assert_openai_error(client.post(path, content=body), 400)
+    assert error["param"] == field and not env["a"].received
 
 
 def test_duplicate_keys_are_read_as_vllm_reads_them_the_last_one_wins(env):

@@ -305,6 +305,27 @@ def test_a_bare_upstream_serves_and_lists_only_what_it_lists(tmp_path):
     assert "serves: google/gemma-3-27b-it (gemma-3-27b)" in log.read()
 
 
+def test_an_upstream_that_never_answers_its_listing_does_not_hold_the_gateway(tmp_path):
+    """A bare upstream that takes the connection and never answers /v1/models (a hung
+    server): the gateway printed its banner, then answered nothing, /health included, for
+    the upstream read timeout (an hour), stuck asking at start-up."""
+    port = free_port()
+    log = (tmp_path / "gw.log").open("w+")
+    with socket.create_server((HOST, 0)) as hung:  # the kernel accepts; nothing answers
+        proc = subprocess.Popen([sys.executable, "deploy.py", "--serve-local", "--port",
+                                 str(port), "--upstream", f"http://{HOST}:{hung.getsockname()[1]}"],
+                                cwd=ROOT_DIR, env={**os.environ, "VLLM_API_KEY": KEY}, stderr=log)
+        try:
+            assert wait_until(lambda: _answers(port), timeout=60)
+            missing = httpx.post(f"http://{HOST}:{port}/v1/completions", headers=AUTH,
+                                 json={"model": "gemma-3-12b", "prompt": "x"}, timeout=60)
+            assert missing.status_code == 404
+            assert "has not answered /v1/models yet" in missing.json()["error"]["message"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 def test_named_upstreams_are_served_whatever_a_bare_one_lists(matrix):
     discovery = gateway.UpstreamDiscovery(matrix, {"gemma-3-12b": "http://a"}, "http://b",
                                           backend=None)
