@@ -961,8 +961,8 @@ async def upstream_model_ids(backend: HTTPBackend, base_url: str) -> set[str] | 
             if resp.status != 200:
                 return None
             listing = json.loads(await resp.read())
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
+    except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError):
+        return None  # RecursionError: a listing nested past json's limit is no listing
     data = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(data, list):
         return None
@@ -1023,7 +1023,11 @@ class UpstreamDiscovery:
     async def keep_asking(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self(force=True)
+            try:
+                await self(force=True)
+            except Exception as e:  # noqa: BLE001 - one bad answer must not end the re-reading
+                log.warning(f"  {self.default}: re-reading /v1/models failed: "
+                            f"{type(e).__name__}")
 
 
 def serve_local(matrix: config.Matrix, upstreams: list[str], *, host: str = "127.0.0.1",

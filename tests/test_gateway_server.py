@@ -5,6 +5,7 @@ short here, so each attack is seen at once; the assertions are bounds, not timin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -324,6 +325,45 @@ def test_an_upstream_that_never_answers_its_listing_does_not_hold_the_gateway(tm
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_a_listing_nested_past_json_limits_is_no_listing_and_rereading_goes_on(matrix):
+    """A bare upstream answering /v1/models with JSON nested 100k deep: json.loads raises
+    RecursionError, which ended the 30 s re-reading for good."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+
+    async def upstream(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": nested})
+
+    calls = []
+
+    class Discovery(gateway.UpstreamDiscovery):
+        async def __call__(self, force=False):
+            calls.append(force)
+            if len(calls) == 2:
+                raise RuntimeError("a bug in one round")
+            return await super().__call__(force)
+
+    with ThreadServer(upstream) as server:
+        async def run():
+            backend = gateway.HTTPBackend({})
+            try:
+                assert await gateway.upstream_model_ids(backend, server.url) is None
+                discovery = Discovery(matrix, {}, server.url, backend, interval=0.05)
+                discovery.gateway = gateway.build_app([], backend, api_key=KEY)
+                task = asyncio.ensure_future(discovery.keep_asking())
+                await asyncio.sleep(0.5)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            finally:
+                await backend.aclose()
+
+        asyncio.run(run())
+    assert len(calls) >= 3  # the round that raised did not end the re-reading
 
 
 def test_named_upstreams_are_served_whatever_a_bare_one_lists(matrix):
