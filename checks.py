@@ -23,7 +23,7 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Self
 from urllib.parse import urlsplit
 
@@ -912,9 +912,10 @@ class Wake:
     reason: str = ""
 
 
-async def wake(endpoint: Endpoint, model: config.Model) -> Wake:
-    """One-token completion, retried through the cold start until the deadline."""
-    start = time.monotonic()
+async def wake(endpoint: Endpoint, model: config.Model, start: float | None = None) -> Wake:
+    """One-token completion, retried through the cold start until the deadline; ready
+    after is counted from `start` (the warm-up's), else from now."""
+    start = time.monotonic() if start is None else start
     body = {"model": model.name, "prompt": "Hi", "max_tokens": 1}
     try:
         answer = await endpoint.send("POST", "/v1/completions", body)
@@ -975,20 +976,44 @@ async def _keep_warm(target: Target, endpoint: Endpoint, seconds: float, interva
     return pings, failed
 
 
+async def _listed(endpoint: Endpoint, target: Target) -> set[str]:
+    """The app's models your own endpoint lists (see Target.listed_only); empty when the
+    listing cannot be read or holds something else (then every model is woken, and the
+    answers say why one fails)."""
+    serving: set[str] = set()
+    try:
+        await check_models(_Probe(endpoint), target.expected, serving)
+    except (CheckFailed, NotReady, httpx.HTTPError, LookupError, TypeError, AttributeError):
+        return set()
+    return serving
+
+
 def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window_s: float,
                   as_json: bool) -> int:
     """`--warm [--keep-warm]`: wake every model in parallel; optionally keep pinging."""
     interval = ping_interval(scaledown_window_s)
+    not_served: list[str] = []
 
     async def run() -> tuple[list[Wake], tuple[int, int] | None]:
+        nonlocal target
+        began = time.monotonic()
         async with target.endpoint() as endpoint:
             with progress() as bar:
                 what = f"waking {len(target.models)} model(s) of {target.app.name}"
                 task = bar.add_task(what, total=len(target.models))
                 endpoint.on_wait = notes = WaitNotes(bar, task, what)
+                # Your own endpoint may serve part of the app: wake what it lists (as the
+                # suite tests it); a model named with --test-model is woken whatever is listed.
+                if target.listed_only and len(target.models) == len(target.expected):
+                    listed = await _listed(endpoint, target)
+                    if listed:
+                        not_served.extend(m.key for m in target.models if m.key not in listed)
+                        target = replace(target, models=[m for m in target.models
+                                                         if m.key in listed])
+                        bar.update(task, total=len(target.models))
 
                 async def one(model):
-                    w = await wake(endpoint, model)
+                    w = await wake(endpoint, model, began)
                     bar.update(task, advance=1)
                     notes.show(f"{model.key} ready" if w.ok else f"{model.key} failed")
                     return w
@@ -1017,7 +1042,7 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
     usd, tail = (per_hour * s / 3600 for s in (keep_warm_s or 0, scaledown_window_s))
     if as_json:
         data = {"app": target.app.name, "endpoint": target.base_url, "passed": ok,
-                "models": [asdict(w) for w in woken]}
+                "models": [asdict(w) for w in woken], "not_served": not_served}
         if kept is not None:
             data["keep_warm"] = {"seconds": keep_warm_s, "interval_s": interval,
                                  "usd_per_hour": per_hour,
@@ -1039,6 +1064,9 @@ def warm_endpoint(target: Target, *, keep_warm_s: float | None, scaledown_window
     console.print(rows)
     console.print("Ready after: from the start of the warm-up to the first one-token completion "
                   "(the cold start included).")
+    if not_served:
+        console.print(f"Not served at {target.base_url} (not woken): {', '.join(not_served)}.",
+                      soft_wrap=True, markup=False)
     if kept is not None:
         console.print(f"Kept warm for {keep_warm_s:g} s: {kept[0]} pings, {kept[1]} failed; "
                       f"about ${usd:.2f} at ${per_hour:.2f}/hour, plus up to ${tail:.2f} while "

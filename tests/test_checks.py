@@ -357,6 +357,25 @@ def test_warm_wakes_every_model_and_keeps_them_warm_with_the_hourly_cost(matrix,
     assert {p["body"]["model"] for p in pings} == {m.name for m in matrix.models.values()}
 
 
+def test_warm_at_your_own_endpoint_wakes_the_models_it_lists(matrix):
+    """As the suite does: one of the h100 app's models behind --serve-local is woken, the
+    others are named, not failed; a model asked for by name is woken whatever is listed."""
+    with gateway_before(matrix, standin(), models=["gemma-3-12b"]) as url:
+        result = run("--warm", "h100", "--base-url", url, "--api-key", KEY, "--json")
+        text = run("--warm", "h100", "--base-url", url, "--api-key", KEY)
+        named = run("--warm", "h100", "--base-url", url, "--api-key", KEY, "--test-model",
+                    "qwen3-vl-30b", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [w["model"] for w in report["models"]] == ["gemma-3-12b"]
+    assert report["not_served"] == ["gemma-3-27b", "qwen3-vl-30b"]
+    assert text.exit_code == 0 and (f"Not served at {url} (not woken): gemma-3-27b, "
+                                    "qwen3-vl-30b.") in " ".join(text.stdout.split())
+    assert named.exit_code == 1
+    (woken,) = json.loads(named.stdout)["models"]
+    assert not woken["ok"] and woken["reason"].startswith("HTTP 404")
+
+
 def test_warm_prints_each_models_readiness_and_what_warm_replicas_cost(matrix):
     with gateway_before(matrix, standin(), models=["gemma-3-27b"]) as url:
         result = run("--warm", "gemma-3-27b-l40s", "--base-url", url, "--api-key", KEY,
