@@ -588,6 +588,8 @@ class Run:
             status, request_id, raw = await lane.send(url, body)
         except checks.NotReady as exc:
             return self._failed(run, custom_id, "deadline_exceeded", str(exc), give_up=True)
+        except checks.Unreachable as exc:  # the endpoint, not this request: stop, keep, resume
+            return self.reject(str(exc))
         except httpx.HTTPError as exc:  # e.g. too many redirects; transport errors are retried
             return self._failed(run, custom_id, "request_failed",
                                 f"{type(exc).__name__}: {_clip(str(exc))}")

@@ -494,6 +494,36 @@ def test_a_rejected_key_stops_the_run_and_says_how_to_resume(matrix, tmp_path):
     assert (tmp_path / "k.output.jsonl").read_text() == ""  # 401s are not answers to keep
 
 
+def test_an_endpoint_that_goes_away_stops_the_run_keeping_the_answers(matrix, tmp_path,
+                                                                       monkeypatch):
+    """Your own server (not a Modal endpoint) dies mid-run: once it has refused connections
+    for the grace period, the run stops as for a rejected key, keeping every answer, with
+    its summary and the resume command (it used to end in a bare one-line error)."""
+    import threading
+
+    import checks
+
+    monkeypatch.setattr(checks, "UNREACHABLE_GRACE", 1.0)
+    path = write(tmp_path / "gone.jsonl", [line(f"r{i}", "google/gemma-3-12b-it")
+                                           for i in range(60)])
+    server = ThreadServer(standin(delay=0.05)).__enter__()
+    stop = threading.Timer(0.6, server.__exit__, (None, None, None))
+    stop.start()
+    try:
+        result = run("--batch", "h100", "--input", str(path), "--base-url", server.url,
+                     "--concurrency", "2", "--test-model", "gemma-3-12b",
+                     env={"VLLM_API_KEY": KEY})
+    finally:
+        stop.join()
+    assert result.exit_code == 1, result.output
+    assert f"Stopped: {server.url}: connection refused for 1 s" in result.stderr
+    assert "Resume (sends every request without a 2xx answer): uv run deploy.py --batch h100" \
+        in result.stderr
+    answered = [a["custom_id"] for a in read(tmp_path / "gone.output.jsonl")]
+    assert 0 < len(answered) < 60 and len(set(answered)) == len(answered)
+    assert "total" in result.stdout  # the summary, as after any run
+
+
 def test_a_failed_write_stops_the_run_in_one_line_keeping_what_was_written(matrix, tmp_path,
                                                                            monkeypatch):
     written = []
