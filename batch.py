@@ -1041,7 +1041,7 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
                              concurrency=concurrency, deadline=deadline, environment=environment,
                              config_path=config_path, api_key_given=api_key_given,
                              results_dir=results_dir),
-              poll, {p.model.key: p.fit.usd_per_hour for p in app.pools})
+              poll, {p.model.key: p.usd_per_hour for p in app.pools})
     started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
     view = None
     if err.is_terminal:

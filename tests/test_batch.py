@@ -737,6 +737,33 @@ def test_a_modal_app_gets_an_estimated_cost_from_the_replicas_seen(matrix, tmp_p
     assert summary["totals"]["replicas_seen"] == 2
 
 
+def test_a_legacy_app_is_priced_without_the_snapshot_memory_it_does_not_reserve(
+        matrix, tmp_path, monkeypatch):
+    """`snapshot: true` makes a GPU app's pool reserve the whole weights in host memory; a
+    legacy app's container never snapshots, and its estimate must not pay for that memory."""
+    import cloud
+    import plan
+
+    snapshots = tmp_path / "models.yaml"
+    snapshots.write_text(config.DEFAULT_PATH.read_text().replace(
+        "    name: google/gemma-3-12b-it ", "    snapshot: true\n    name: google/gemma-3-12b-it ",
+        1))
+    with_snapshot = config.load(snapshots)
+    legacy = plan.legacy_app(with_snapshot, "gemma-3-12b-h100").pools[0]
+    pooled = plan.gpu_app(with_snapshot, "h100").pools[0]
+    assert pooled.snapshot and not legacy.snapshot
+    assert legacy.usd_per_hour < pooled.usd_per_hour  # the weights' host memory
+    monkeypatch.setattr(cloud, "running_replicas", lambda app, environment: {"gemma-3-12b": 1})
+    path = write(tmp_path / "l.jsonl", [line("r0", None)])
+    with gateway_before(matrix, {"*": standin()}, models=("gemma-3-12b",)) as url:
+        monkeypatch.setattr(cloud, "endpoint_url", lambda m, key, environment=None: url)
+        result = run("--batch", "gemma-3-12b-h100", "--input", str(path), "--json",
+                     "--config", str(snapshots), env={"VLLM_API_KEY": KEY})
+    assert result.exit_code == 0, result.output
+    basis = json.loads(result.stdout)["models"]["gemma-3-12b"]["cost_basis"]
+    assert f"x ${legacy.usd_per_hour:.2f}/hour per replica" in basis
+
+
 def test_a_failed_count_on_modal_leaves_no_estimate_and_says_why(matrix, tmp_path, monkeypatch):
     import cloud
 
