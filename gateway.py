@@ -263,16 +263,19 @@ def lax_bool(raw: Raw | None, field: str = "stream") -> bool:
         return False  # vLLM answers 400, as JSON: not a stream
 
 
+_ARRAY_START = re.compile(rb"\[[ \t\r\n]*(.?)", re.DOTALL)  # JSON's whitespace, then the first
+
+
 def count_prompts(raw: Raw | None) -> int:
     """How many prompts a completion's `prompt` holds, as vLLM's union type reads it: a string
     or a list of token ids is one; a list of strings or of token lists is one per element
     (MAX_N + 1 standing for 'more than MAX_N')."""
     if raw is None:
         return 1
-    head = memoryview(raw)[:64].tobytes()
-    if not head.startswith(b"["):
+    opened = _ARRAY_START.match(raw)  # whatever whitespace: a cut-off head misread ints
+    if opened is None:
         return 1
-    first = head[1:].lstrip()[:1]
+    first = opened[1]
     if not first or first in b'"[{n]':  # strings, token lists, junk vLLM refuses, or empty
         try:
             slots = msgspec.structs.astuple(_PROMPTS.decode(raw))

@@ -697,6 +697,23 @@ def test_completions_cap_n_times_the_prompts(env, prompt, n, ok):
         assert not env["a"].received
 
 
+@pytest.mark.parametrize(("prompt", "n", "prompts"), [
+    (b"[" + b" " * 100 + b"1, 2, 3]", 128, 1),  # one tokenized prompt, however it is spaced
+    (b"[" + b"\n" * 100 + b'"a", "b"]', 64, 2),
+    (b"[" + b" " * 100 + b'"p"' + b', "p"' * 128 + b"]", 1, gateway.MAX_N + 1),
+])
+def test_prompts_are_counted_past_any_whitespace(prompt, n, prompts):
+    """The count looked at the first 64 bytes only: token ids after more blank space were
+    taken for more than 128 prompts, a 400 for a request vLLM takes."""
+    fields = gateway.parse_body(b'{"model": "gemma-3-12b", "n": %d, "prompt": %s}' % (n, prompt))
+    assert gateway.count_prompts(fields["prompt"]) == prompts
+    if prompts * n <= gateway.MAX_N:
+        gateway.limit_sequences(fields, completions=True)
+    else:
+        with pytest.raises(gateway.Reject):
+            gateway.limit_sequences(fields, completions=True)
+
+
 @pytest.mark.parametrize("stream", ["true", 1, "yes", "on", 1.0, "1"])
 def test_a_truthy_non_boolean_stream_is_streamed(env, stream):
     with raw(env["url"]) as client:
