@@ -13,10 +13,11 @@ vllm/entrypoints/launchers/run_batch.py) field by field, one line per request:
             "error": {"code", "message"}}  every request that got no answer it could use
 
 OpenAI's reference gives `response.status_code` as "the HTTP status code of the response"
-and `error` as being "for requests that failed with a non-HTTP error", and vLLM's run-batch
-writes an error answer as a response with its status: so a 4xx (or a 500) is an answer
-and goes to the output with its body; the error file holds the requests that got none
-(the endpoint answered nothing before the deadline, or something that is not JSON).
+and `error` as being "for requests that failed with a non-HTTP error": so a 4xx (or a 500)
+is an answer and goes to the output with its body; the error file holds the requests that
+got none (the endpoint answered nothing before the deadline, or something that is not JSON).
+vLLM's run-batch differs here (run_batch.py run_request): it writes an error answer's status
+in `response` but its body in `error` (`response.body` null), ids as `vllm-…`, in input order.
 
 The order of work, and why:
 - The whole file is checked before anything is sent (one streamed pass), so a typo on line

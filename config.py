@@ -40,6 +40,19 @@ FUSED_3D_MOE_ARCHITECTURES = (
     "Qwen3OmniMoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
     "Qwen3_5MoeForConditionalGeneration",
 )
+# tool_parsers/__init__.py _TOOL_PARSERS_TO_REGISTER: any other --tool-call-parser (without
+# --tool-parser-plugin) is a KeyError in validate_api_server_args: vLLM exits at start.
+TOOL_PARSERS = (
+    "apertus", "beam", "cohere_command3", "cohere_command4", "deepseek_v3", "deepseek_v31",
+    "deepseek_v32", "deepseek_v4", "deepseek_v41", "dots", "ernie45", "functiongemma",
+    "gemma4", "gigachat3", "glm45", "glm47", "granite", "granite-20b-fc", "granite4",
+    "hermes", "hf", "hunyuan_a13b", "hy_v3", "hy_v4", "inkling", "internlm", "jamba",
+    "k2_horizon", "kimi_k2", "kimi_k3", "lfm2", "ling3", "llama3_json", "llama4_json",
+    "llama4_pythonic", "longcat", "mimo", "minicpm5", "minimax_m2", "minimax_m3", "mistral",
+    "muse", "muse_glimmer", "musespark1x", "olmo3", "openai", "phi4_mini_json", "plamo3",
+    "poolside_v1", "pythonic", "qwen3_coder", "qwen3_json", "qwen3_xml", "seed_oss", "step3",
+    "step3p5", "step5", "xlam",
+)
 KV_BLOCK_TOKENS = 16  # config/cache.py CacheConfig.DEFAULT_BLOCK_SIZE
 KV_BYTES = 2  # KV cache dtype "auto" = the model's dtype (bf16/fp16), also with fp8 weights
 LORA_BYTES = 2  # LoRAConfig.lora_dtype "auto" = the model's (activation) dtype
@@ -685,6 +698,11 @@ def _cross_check(where: str, parsed: MatrixFile) -> list[str]:
                                 "(names are matched without regard to case)")
             owner.setdefault(alias, key)
         problems += _refused_by_vllm(at, model)
+        if model.tool_parser and model.tool_parser not in TOOL_PARSERS and not any(
+                a.startswith("--tool-parser-plugin") for a in model.extra_args):
+            problems.append(f"{at}.tool_parser: '{model.tool_parser}' is not a tool parser of "
+                            "vLLM 0.33, which would exit at start (e.g. hermes, pythonic, "
+                            "llama3_json; or add --tool-parser-plugin to extra_args)")
         problems += _adapter_problems(at, key, model, owner)
         for gpu_key in parsed.gpus:
             base = key.removesuffix(f"-{gpu_key}")

@@ -17,7 +17,14 @@ vllm/entrypoints/serve/...), because the gateway's tests rely on it:
 - a starting server does not listen at all (the model loads before uvicorn binds): clients
   see connection refused, never a 503 (`ready_after`; `standin_server` binds late);
 - a chat message carries `reasoning` (not `reasoning_content`, renamed in vLLM 0.1x) and no
-  `tool_calls` key when there are none (ChatMessage._serialize drops the empty list).
+  `tool_calls` key when there are none (ChatMessage._serialize drops the empty list);
+- a field of the wrong type is FastAPI's RequestValidationError, which vLLM answers 400 with
+  type "Bad Request" and param "body.<field>" (serve/exception_handling/handlers/validation.py);
+- `stream_options` on a request that does not stream (raw truthiness, a "before" validator)
+  is a 400 (validate_stream_options); a chat's `max_completion_tokens` wins over `max_tokens`
+  (chat_completion/serving.py), a completion has only `max_tokens` (default 16);
+- `model` may be left out: vLLM then serves its first name (serve/engine/serving.py
+  _is_model_supported); /v1/models cards carry a `permission` list (models/serving.py).
 """
 
 from __future__ import annotations
@@ -272,7 +279,13 @@ class StandIn:
         if path == "/v1/models" and method == "GET":
             return await self._json(send, 200, {"object": "list", "data": [
                 {"id": n, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-                 "root": self.names[0], "parent": None, "max_model_len": self.max_model_len}
+                 "root": self.names[0], "parent": None, "max_model_len": self.max_model_len,
+                 "permission": [{"id": f"modelperm-{uuid.uuid4().hex}",
+                                 "object": "model_permission", "created": int(time.time()),
+                                 "allow_create_engine": False, "allow_sampling": True,
+                                 "allow_logprobs": True, "allow_search_indices": False,
+                                 "allow_view": True, "allow_fine_tuning": False,
+                                 "organization": "*", "group": None, "is_blocking": False}]}
                 for n in self.names]})
         if path not in ("/v1/chat/completions", "/v1/completions"):
             return await self._json(send, 404, {"detail": "Not Found"})
@@ -286,6 +299,7 @@ class StandIn:
         if problem:
             return await self._json(send, *problem)
         body = {**body, **self._coerced(body)}  # what vLLM's lax validation made of it
+        body.setdefault("model", self.names[0])
         try:
             text, finish = self._answer(body, chat)
         except Exception as exc:  # noqa: BLE001 - vLLM refuses unusable constraints with a 400
@@ -304,10 +318,9 @@ class StandIn:
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object")
         model = body.get("model")
-        if not isinstance(model, str):
-            return _error(400, "model: Field required", param="model")
-        if model not in self.names:
-            return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        if model is not None and not isinstance(model, str):
+            return _error(400, "1 validation error:\n  {'type': 'string_type', 'loc': 'body.model'"
+                          "}", "Bad Request", "body.model")
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or \
@@ -321,20 +334,30 @@ class StandIn:
                           "InternalServerError")
         try:
             coerced = self._coerced(body)
-        except LaxError as exc:
-            return _error(400, f"{exc.field}: {exc.message}", param=exc.field)
-        for field in ("max_tokens", "max_completion_tokens"):
-            if coerced.get(field) is not None and coerced[field] < 1:
-                return _error(400, f"{field}: must be a positive integer", param=field)
-        n = coerced.get("n")
-        if n is not None and not 1 <= n <= MAX_N_SEQUENCES:
-            return _error(400, f"n must be at least 1 and at most {MAX_N_SEQUENCES}, got {n}.",
-                          param="n")
+        except LaxError as exc:  # FastAPI's RequestValidationError, as vLLM words it
+            return _error(400, f"1 validation error:\n  {{'loc': 'body.{exc.field}', 'msg': "
+                          f"{exc.message!r}}}", "Bad Request", f"body.{exc.field}")
+        if body.get("stream_options") and not body.get("stream"):
+            return _error(400, "Stream options can only be defined when `stream=True`. "
+                          "(parameter=stream_options)", param="stream_options")
         for field in ("response_format", "stream_options"):
             if body.get(field) is not None and not isinstance(body.get(field), dict):
                 return _error(400, f"{field}: Input should be an object", param=field)
         if so and sum(so.get(k) is not None for k in CONSTRAINTS) != 1:
             return _error(400, "You must use exactly one kind of structured outputs constraint")
+        # The request parsed; vLLM's handler checks the model, then builds SamplingParams.
+        if model and model not in self.names:
+            return _error(404, f"The model `{model}` does not exist. Valid aliases: "
+                          f"{', '.join(self.names)}.", "NotFoundError", "model")
+        for field in ("max_tokens", "max_completion_tokens"):
+            if coerced.get(field) is not None and coerced[field] < 1:
+                return _error(400, f"max_tokens must be at least 1, got {coerced[field]}. "
+                              f"(parameter=max_tokens, value={coerced[field]})", param="max_tokens")
+        n = coerced.get("n")
+        if n is not None and not 1 <= n <= MAX_N_SEQUENCES:  # sampling_params.py: no param
+            return _error(400, f"n must be at least 1, got {n}." if n < 1 else
+                          f"n must be at most {MAX_N_SEQUENCES}, got {n}. To increase this "
+                          "limit, set the VLLM_MAX_N_SEQUENCES environment variable.")
         return None
 
     @staticmethod
@@ -364,7 +387,8 @@ class StandIn:
         if constrained is not None:
             return constrained, "stop"
         words = ("This is the stand-in answering: " + self._prompt(body, chat)).split()
-        limit = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+        limit = (body.get("max_completion_tokens") if chat else None) or \
+            body.get("max_tokens") or 16
         return " ".join(words[:limit]), "length" if len(words) > limit else "stop"
 
     def _constrained(self, body) -> str | None:

@@ -197,6 +197,13 @@ CASES = [
           "vLLM 0.33 refuses float16 for gemma2, gemma3, gemma3_text, glm4)")],
     ),
     (
+        "a tool parser vLLM 0.33 does not have (tool_parsers/__init__.py)",
+        BASE.replace("max_model_len: 4096", "max_model_len: 4096\n    tool_parser: hermes2"),
+        [("{f}: models.tiny.tool_parser: 'hermes2' is not a tool parser of vLLM 0.33, which "
+          "would exit at start (e.g. hermes, pythonic, llama3_json; or add --tool-parser-plugin "
+          "to extra_args)")],
+    ),
+    (
         "missing required key in a model",
         BASE.replace("    huggingface_id: org/tiny-it\n", ""),
         ["{f}: models.tiny.huggingface_id: required key is missing"],
@@ -279,6 +286,13 @@ def test_float16_is_taken_for_other_families(tmp_path, model_type):
     path = write(tmp_path, BASE.replace("max_model_len: 4096", "max_model_len: 4096\n"
                                         f"    dtype: float16\n    model_type: {model_type}"))
     assert config.load(path).models["tiny"].dtype == "float16"
+
+
+def test_a_plugin_tool_parser_is_taken_with_its_plugin(tmp_path):
+    path = write(tmp_path, BASE.replace("max_model_len: 4096", "max_model_len: 4096\n"
+                                        "    tool_parser: mine\n"
+                                        "    extra_args: [--tool-parser-plugin, /p/mine.py]"))
+    assert config.load(path).models["tiny"].tool_parser == "mine"
 
 
 def test_several_problems_in_one_file_give_several_lines(tmp_path):
