@@ -409,6 +409,8 @@ def compare(matrix: config.Matrix, cases: dict, results: dict) -> tuple[list[str
     judge(facts["float16_refused_model_types"] == sorted(config.FLOAT16_REFUSED_MODEL_TYPES),
           f"float16 refusals: vLLM {facts['float16_refused_model_types']}, config.py "
           f"{sorted(config.FLOAT16_REFUSED_MODEL_TYPES)}")
+    judge(facts["tool_parsers"] == sorted(config.TOOL_PARSERS),
+          f"tool parsers: vLLM {facts['tool_parsers']}, config.py {sorted(config.TOOL_PARSERS)}")
     judge(facts["lora_ranks"] == list(config.LORA_RANKS),
           f"LoRA ranks: vLLM {facts['lora_ranks']}, config.py {list(config.LORA_RANKS)}")
     for key, verdict in facts["dtype_checks"].items():

@@ -153,6 +153,9 @@ def facts(inputs: dict) -> dict:
     out: dict = {}
     out["float16_refused_model_types"] = sorted(model_config._FLOAT16_NOT_SUPPORTED_MODELS)
     out["lora_ranks"] = list(typing.get_args(lora_config.MaxLoRARanks))
+    from vllm import tool_parsers
+
+    out["tool_parsers"] = sorted(tool_parsers._TOOL_PARSERS_TO_REGISTER)
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
     out["dtype_checks"] = {}
     for key, (model_type, dtype) in inputs["model_dtypes"].items():

@@ -70,6 +70,7 @@ def agreeing_results(matrix, cases) -> dict:
         "facts": {
             "float16_refused_model_types": ["gemma2", "gemma3", "gemma3_text", "glm4"],
             "lora_ranks": [1, 8, 16, 32, 64, 128, 256, 320, 512],
+            "tool_parsers": sorted(config.TOOL_PARSERS),
             "dtype_checks": {k: ("ValueError: no float16" if d == "float16" and t in
                                  config.FLOAT16_REFUSED_MODEL_TYPES else "ok")
                              for k, (t, d) in facts["model_dtypes"].items()},
@@ -95,7 +96,7 @@ def cases(matrix):
 def test_agreement_is_reported_as_such(matrix, cases):
     good, bad = contract.compare(matrix, cases, agreeing_results(matrix, cases))
     assert bad == []
-    assert len(good) == len(cases["argv"]) + 1 + 2 + len(cases["facts"]["model_dtypes"]) + 1 \
+    assert len(good) == len(cases["argv"]) + 1 + 3 + len(cases["facts"]["model_dtypes"]) + 1 \
         + 5 + 2 * (1 + 5 + 1) + len(cases["facts"]["peft"])
 
 
@@ -121,6 +122,7 @@ def test_agreement_is_reported_as_such(matrix, cases):
     (lambda r: r["facts"]["kv"]["gemma-3-12b"]["sliding_blocks"].update(b200=1089),
      "sliding-window blocks per request of gemma-3-12b on b200: vLLM 1089, config.py 2049"),
     (lambda r: r["facts"]["fused_3d_moe"].append("MixtralForCausalLM"), "fused 3-D MoE"),
+    (lambda r: r["facts"]["tool_parsers"].remove("hermes"), "tool parsers: vLLM"),
     (lambda r: r["facts"]["peft"].update({"use_dora": "accepted"}),
      "PEFT use_dora: vLLM accepted; adapters.py refuses it"),
 ])
