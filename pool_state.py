@@ -35,6 +35,7 @@ log = logging.getLogger("pool_state")
 FRESH_SECONDS = 300  # a failure this recent is answered at once; older, the pool is tried again
 SLOW_CALL_SECONDS = 3.0  # a pool call still waiting after this consults the failure record...
 CHECK_EVERY_SECONDS = 10.0  # ...and again this often while it keeps waiting
+MARK_TIMEOUT_SECONDS = 10.0  # a cancel mark the Queue will not take by then is given up
 GPU_HEADER = b"x-vllm-gpu"  # "NVIDIA H100 80GB HBM3; count=1; driver=580.82.07; vllm=0.33.0"
 
 
@@ -273,8 +274,15 @@ class CancelMarks:
         return self._queue
 
     async def mark(self, stream_id: str) -> None:
-        """The router's side: one RPC, only for a stream whose client left."""
-        await self.queue().put.aio(True, partition=stream_id, partition_ttl=self.ttl)
+        """The router's side: one RPC, only for a stream whose client left.
+
+        With a timeout: a blocking put without one retries a full Queue (RESOURCE_EXHAUSTED:
+        100,000 partitions) and transient errors for ever (modal/queue.py, _put_many_blocking:
+        Retry(max_retries=None, total_timeout=timeout)), and each such mark would stay a task
+        in the router. Past it the SDK raises queue.Full or modal.exception.TimeoutError.
+        """
+        await self.queue().put.aio(True, partition=stream_id, partition_ttl=self.ttl,
+                                   timeout=MARK_TIMEOUT_SECONDS)
 
     def watch(self, stream_id: str, task: asyncio.Task) -> asyncio.Task:
         """The pool's side: cancel `task` (the input's own task, as FunctionCall.cancel would:

@@ -98,10 +98,20 @@ class FakeDict:
 
 
 class FakeQueue:
-    """modal.Queue with partitions: FIFO per partition, blocking gets as long polls."""
+    """modal.Queue with partitions: FIFO per partition, blocking gets as long polls.
+
+    Its limits are Modal's (https://modal.com/docs/guide/queues): 100,000 partitions of
+    5,000 items. A blocking put into a full Queue retries until its `timeout`, for ever
+    without one, then raises queue.Full (modal/queue.py, _put_many_blocking: RESOURCE_EXHAUSTED
+    is retried with max_retries=None, total_timeout=timeout); a non-blocking one raises at once.
+    """
+
+    MAX_PARTITIONS = 100_000
+    MAX_ITEMS = 5_000
 
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
+        self.max_partitions, self.max_items = self.MAX_PARTITIONS, self.MAX_ITEMS
         self.partitions: dict[str | None, collections.deque] = collections.defaultdict(
             collections.deque)
         self.ttls: dict[str | None, int] = {}
@@ -127,6 +137,19 @@ class FakeQueue:
         half = self.workspace.rpc / 2
         await asyncio.sleep(half)
         async with self.changed():
+            def room() -> bool:
+                known = partition in self.partitions and bool(self.partitions[partition])
+                used = sum(1 for items in self.partitions.values() if items)
+                return ((known or used < self.max_partitions)
+                        and len(self.partitions.get(partition, ())) + len(values) <= self.max_items)
+
+            if not room():
+                if not block:
+                    raise stdlib_queue.Full("Queue is full")
+                try:
+                    await asyncio.wait_for(self.changed().wait_for(room), timeout)
+                except TimeoutError:
+                    raise stdlib_queue.Full("Queue is full") from None
             self.partitions[partition].extend(values)
             self.ttls[partition] = partition_ttl
             self.changed().notify_all()

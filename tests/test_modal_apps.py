@@ -7,6 +7,7 @@ Modal removes in 1.7.
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -502,6 +503,33 @@ def test_a_stream_whose_client_left_stops_generating_on_the_pool(workspace):
 def test_a_stream_that_ends_sends_no_cancel_mark(workspace, vllm):
     run_backend(workspace, engine_pool(workspace, vllm.url), collect)
     assert workspace.rpcs["QueuePut"] == 0
+
+
+def test_a_cancel_mark_the_full_queue_refuses_is_given_up_not_retried_for_ever(
+        workspace, monkeypatch, caplog):
+    # Without a timeout the SDK retries a full Queue's put for ever (modal/queue.py,
+    # _put_many_blocking), and every client that left would keep a task in the router.
+    monkeypatch.setattr(pool_state, "MARK_TIMEOUT_SECONDS", 0.3)
+    slow = StandIn([MODEL.name], token_delay=0.05)
+    with ThreadServer(slow) as server:
+        pool = engine_pool(workspace, server.url)
+        marks = pool_state.CancelMarks()
+        marks.queue().max_partitions = 0  # full: every new partition is refused
+
+        async def body(backend):
+            chunks = backend.stream(MODEL, gateway.COMPLETIONS, LONG, [])
+            await anext(chunks)
+            await chunks.aclose()
+            started = time.monotonic()
+            await eventually(lambda: not backend._background)
+            for inp in pool.inputs:  # the pool generates on: nothing stopped it
+                inp.task.cancel()
+            return time.monotonic() - started
+
+        with caplog.at_level(logging.WARNING, logger="router"):
+            given_up_after = run_backend(workspace, pool, body, cancel_marks=marks)
+    assert given_up_after < 5
+    assert "marking a stream cancelled failed: Full" in caplog.text
 
 
 # ## An engine that cannot start: the crash loop, and the failure record
