@@ -176,14 +176,7 @@ def check_shape(body: bytes) -> None:
     members (what makes a parser, here or in vLLM, cost many times the body's size)."""
     if body.count(b"[") + body.count(b"{") + body.count(b":") <= MAX_DEPTH:
         return  # the common case: three C scans, nothing to count more closely
-    try:
-        _OBJECT.decode(body)  # valid JSON first: the string pattern below is linear only then
-    except RecursionError:
-        raise _reject(400, f"request body is nested more than {MAX_DEPTH} deep") from None
-    except msgspec.ValidationError:
-        raise _reject(400, "request body must be a JSON object") from None
-    except msgspec.DecodeError:
-        raise _reject(400, "request body is not valid JSON") from None
+    _decode_body(_OBJECT, body)  # valid JSON first: the string pattern below is linear only then
     bare = _STRINGS.sub(b'""', body) if b'"' in body else body
     nodes = bare.count(b"[") + bare.count(b"{") + bare.count(b":")
     if nodes > MAX_NODES:
@@ -196,8 +189,13 @@ def check_shape(body: bytes) -> None:
 def parse_body(body: bytes) -> dict[str, Raw]:
     """The body's top-level fields as raw JSON values; Reject unless it is a JSON object."""
     check_shape(body)
+    return _decode_body(_TOP, body)
+
+
+def _decode_body(decoder: msgspec.json.Decoder, body: bytes):
+    """`decoder` over the body (or a nested object of it), its failures as the client's 400."""
     try:
-        return _TOP.decode(body)
+        return decoder.decode(body)
     except RecursionError:
         raise _reject(400, f"request body is nested more than {MAX_DEPTH} deep") from None
     except msgspec.ValidationError:
@@ -316,10 +314,7 @@ def _object_keys(raw: Raw | None, field: str) -> dict[str, Raw] | None:
 
 def _members(raw: Raw) -> dict[str, Raw]:
     """A nested object's members: its keys are decoded, and only now checked as UTF-8."""
-    try:
-        return _TOP.decode(raw)
-    except UnicodeDecodeError:
-        raise _reject(400, "request body is not valid UTF-8") from None
+    return _decode_body(_TOP, raw)
 
 
 def normalize_structured_outputs(fields: dict[str, Raw]) -> bool:
@@ -642,14 +637,10 @@ class Gateway:
         try:
             return self.route_model(name)
         except Reject:
+            seen["model"] = self.loggable(name)  # the name the client sent, clipped
             if self.refresh is None or not await self.refresh():
-                seen["model"] = self.loggable(name)  # the name the client sent, clipped
                 raise
-        try:
-            return self.route_model(name)
-        except Reject:
-            seen["model"] = self.loggable(name)
-            raise
+        return self.route_model(name)  # what the upstream serves changed: once more
 
     def route_model(self, name) -> tuple[config.Model, str]:
         if name is None:
@@ -840,14 +831,12 @@ class HTTPBackend:
         except TimeoutError:
             raise BackendError(504, f"backend for '{model.name}' did not answer in time") \
                 from None
-        except aiohttp.ClientConnectorError as e:
-            if isinstance(e.os_error, ConnectionRefusedError):
+        except aiohttp.ClientError as e:
+            if isinstance(getattr(e, "os_error", None), ConnectionRefusedError):
                 # vLLM does not listen until its model is loaded: refused is what "starting"
                 # looks like (or a server that is down), so the client is told to come back.
                 raise BackendError(503, f"backend for '{model.name}' is starting or down: "
                                         "connection refused", DEFAULT_RETRY_AFTER) from None
-            raise BackendError(502, f"backend for '{model.name}' is unreachable") from None
-        except aiohttp.ClientError:
             raise BackendError(502, f"backend for '{model.name}' is unreachable") from None
 
     async def send(self, model: config.Model, path: str, body: bytes,
@@ -944,7 +933,10 @@ def split_upstreams(matrix: config.Matrix, upstreams: list[str]) -> tuple[dict[s
 
 def parse_upstreams(matrix: config.Matrix, upstreams: list[str]) -> dict[str, str]:
     """Every model an --upstream may route, to its URL."""
-    named, default = split_upstreams(matrix, upstreams)
+    return _routes(matrix, *split_upstreams(matrix, upstreams))
+
+
+def _routes(matrix: config.Matrix, named: dict[str, str], default: str | None) -> dict[str, str]:
     return {key: named.get(key, default) for key in matrix.models
             if named.get(key, default) is not None}
 
@@ -1046,7 +1038,7 @@ def serve_local(matrix: config.Matrix, upstreams: list[str], *, host: str = "127
     if not api_key and not allow_unauthenticated:
         raise config.UsageError("no API key: set VLLM_API_KEY, or pass --allow-unauthenticated "
                                 "to serve without one")
-    urls = parse_upstreams(matrix, upstreams)
+    urls = _routes(matrix, named, default)
     backend = HTTPBackend(urls, api_key=os.environ.get("VLLM_UPSTREAM_API_KEY") or None)
     discovery = None
     if default is None:
