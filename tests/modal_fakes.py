@@ -539,19 +539,20 @@ class Workspace:
 
     def dict_from_name(self, name: str, *, environment_name=None, create_if_missing=False,
                        client=None) -> FakeDict:
-        if name not in self.dicts:
-            if not create_if_missing:
-                raise modal.exception.NotFoundError(f"Dict '{name}' not found")
-            self.dicts[name] = FakeDict(self)
-        return self.dicts[name]
+        return self._named(self.dicts, FakeDict, name, create_if_missing)
 
     def queue_from_name(self, name: str, *, environment_name=None, create_if_missing=False,
                         client=None) -> FakeQueue:
-        if name not in self.queues:
+        return self._named(self.queues, FakeQueue, name, create_if_missing)
+
+    def _named(self, store: dict, kind: type, name: str, create_if_missing: bool):
+        """`from_name`: the named object, made if asked, else NotFoundError as Modal raises."""
+        if name not in store:
             if not create_if_missing:
-                raise modal.exception.NotFoundError(f"Queue '{name}' not found")
-            self.queues[name] = FakeQueue(self)
-        return self.queues[name]
+                raise modal.exception.NotFoundError(
+                    f"{kind.__name__.removeprefix('Fake')} '{name}' not found")
+            store[name] = kind(self)
+        return store[name]
 
     def patch(self, monkeypatch) -> Workspace:
         monkeypatch.setattr(modal.Dict, "from_name", staticmethod(self.dict_from_name))

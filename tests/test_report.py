@@ -12,23 +12,20 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import report_runs
 from browser import Browser, find_chromium
 from report_runs import CHEAPEST, COST, GPU_ACTUAL_H100, TARGETS
-from servers import ThreadServer
 from standin import StandIn
+from test_bench import KEY, gateway_before  # the same one-model gateway as --bench's tests
 from typer.testing import CliRunner
 
 import deploy
-import gateway
 import report
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-report-test-key-0123456789"
 RANKED = ["h200", "b200", "a100", "h100", "l40s"]  # report_runs' table: meets first, by cost
 
 
@@ -158,15 +155,6 @@ def test_report_itself_imports_it(results):
 
 
 # ## Every --bench run ends with the page
-
-
-@contextmanager
-def gateway_before(matrix, upstream: StandIn):
-    with ThreadServer(upstream) as up:
-        model = matrix.models["gemma-3-12b"]
-        backend = gateway.HTTPBackend({model.key: up.url})
-        with ThreadServer(gateway.build_app([model], backend, api_key=KEY)) as gw:
-            yield gw.url
 
 
 def run_bench(url, results, *args):
