@@ -83,6 +83,11 @@ def _cannot_connect(exc: BaseException) -> str | None:
     return None
 
 
+def is_modal_url(url: str) -> bool:
+    """Whether a (normalized) base URL is a Modal web endpoint."""
+    return (urlsplit(url).hostname or "").endswith(MODAL_HOST_SUFFIX)
+
+
 def normalize_base_url(url: str) -> str:
     """`https://host/v1/` and `https://host` both name the endpoint `https://host`."""
     parts = urlsplit(url.strip())
@@ -149,7 +154,7 @@ class Endpoint:
         self.deadline = time.monotonic() + deadline_s
         self.deadline_s = deadline_s
         self.on_wait = on_wait
-        self.is_modal = (urlsplit(self.base_url).hostname or "").endswith(MODAL_HOST_SUFFIX)
+        self.is_modal = is_modal_url(self.base_url)
         self._unreachable_since: float | None = None  # first of the refusals in a row
         self.client = httpx.AsyncClient(
             base_url=self.base_url, follow_redirects=True,  # Modal: 303 to the result URL
@@ -707,8 +712,7 @@ def resolve_target(matrix: config.Matrix, app: plan.App, *, test_model: str | No
         key = app.gpu.key if app.kind == "gpu" else config.legacy_key(served[0].key, app.gpu.key)
         base_url = cloud.endpoint_url(matrix, key, environment=environment)
     else:
-        host = urlsplit(normalize_base_url(base_url)).hostname or ""
-        listed_only = not host.endswith(MODAL_HOST_SUFFIX)
+        listed_only = not is_modal_url(normalize_base_url(base_url))
     return Target(app, models, normalize_base_url(base_url), api_key,
                   DEFAULT_DEADLINE if deadline_s is None else deadline_s, matrix.defaults,
                   listed_only)

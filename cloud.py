@@ -383,10 +383,8 @@ def check_endpoint_limit(matrix: config.Matrix, apps: list[plan.App],
 
 def preflight(matrix: config.Matrix, apps: list[plan.App], *, environment: str | None,
               ignore_endpoint_limit: bool = False) -> None:
-    """Offline checks first (fit, credentials), then online (Secrets, adapters, endpoint
-    limit)."""
-    check_fits(apps)
-    require_credentials()
+    """The online checks (Secrets, adapters, endpoint limit), once deploy_command has made
+    the offline ones (fit, credentials) and connected."""
     check_secrets(apps, environment)
     check_adapters_uploaded(apps, environment)
     if not ignore_endpoint_limit:  # a GPU app is an endpoint too; a redeploy adds none
@@ -670,7 +668,7 @@ def _plain_record(record) -> dict | None:
 
 
 def status(matrix: config.Matrix, environment: str | None) -> list[AppStatus]:
-    require_credentials()
+    """Every app of the matrix, deployed or not (status_command has connected first)."""
     apps = plan.all_gpu_apps(matrix) + plan.all_legacy_apps(matrix)
     deployed = deployed_apps(environment)
     records = read_records(environment) if any(a.name in deployed for a in apps) else {}

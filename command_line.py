@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 import typer
 from typer.core import TyperCommand
 
+import config
+
 API_KEY_ENV = "VLLM_API_KEY"
 
 
@@ -195,7 +197,7 @@ def above_zero(flag: str, value: float) -> str | None:
 
 def duration_above_zero(flag: str, text: str) -> str | None:
     """'90s', '15m', '2h' or seconds, as config.parse_duration reads them, and not zero."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    match = config.DURATION.fullmatch(text)
     if not match:
         return f"{flag}: cannot read duration '{text}'; use e.g. 90s, 15m or 2h"
     if float(match[1]) == 0:

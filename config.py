@@ -864,9 +864,12 @@ def load(path: str | Path = DEFAULT_PATH) -> Matrix:
     return matrix
 
 
+DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*")  # '90s', '15m', '2h' or seconds
+
+
 def parse_duration(text: str) -> int:
     """'90s', '15m', '2h' or plain seconds, to seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    match = DURATION.fullmatch(text)
     if not match:
         raise UsageError(f"cannot read duration '{text}'; use e.g. 90s, 15m or 2h")
     value = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]

@@ -132,8 +132,10 @@ def _billing_data(matrix: config.Matrix) -> dict:
             "router_usd_per_hour": round(router.usd_per_hour, 4)}
 
 
-def _split(bill: config.Bill) -> dict:
-    return {k: round(v, 4) for k, v in bill.split().items()}
+def _reservation(bill: config.Bill) -> dict:
+    """A replica's $/hour split, and the CPU and memory it reserves (--list and --dry-run)."""
+    return {"usd_per_hour_split": {k: round(v, 4) for k, v in bill.split().items()},
+            "cpu_cores": bill.cpu_cores, "memory_mib": bill.memory_mib}
 
 
 def _cell_data(fit: config.Fit) -> dict:
@@ -148,9 +150,7 @@ def _cell_data(fit: config.Fit) -> dict:
         "need_gib": round(fit.need_gib, 1),
         "budget_gib": round(fit.budget_gib, 1),
         "usd_per_hour": round(fit.usd_per_hour, 2),  # GPUs + CPU + memory, per replica
-        "usd_per_hour_split": _split(fit.bill()),
-        "cpu_cores": fit.bill().cpu_cores,
-        "memory_mib": fit.bill().memory_mib,
+        **_reservation(fit.bill()),
         "legacy_app": config.legacy_app_name(fit.model.key, fit.gpu.key),
     }
 
@@ -268,9 +268,7 @@ def plan_data(matrix: config.Matrix, apps) -> list[dict]:
                     "max_concurrent_inputs": defaults.max_concurrent_inputs,
                     "max_replicas": defaults.max_replicas,
                     "usd_per_hour_per_replica": round(p.usd_per_hour, 2),
-                    "usd_per_hour_split": _split(p.bill),
-                    "cpu_cores": p.bill.cpu_cores,
-                    "memory_mib": p.bill.memory_mib,
+                    **_reservation(p.bill),
                     "usd_per_idle_tail": round(p.idle_tail_usd(defaults), 2),
                 }
                 for p in app.pools
