@@ -796,7 +796,7 @@ def _rates(ok: int, completion_tokens: int, wall: float) -> tuple[float, float]:
     return round(ok / wall, 3), round(completion_tokens / wall, 3)
 
 
-def summarize(job: Job, run: Run, started_at: str, *, input_path: Path) -> dict:
+def summarize(job: Job, run: Run, started_at: str) -> dict:
     target = job.target
     base_url = job.poll is None
     scaledown = target.defaults.scaledown_window_seconds
@@ -837,7 +837,7 @@ def summarize(job: Job, run: Run, started_at: str, *, input_path: Path) -> dict:
     return {
         "kind": "modal-vllm-batch", "version": 1,
         "app": target.app.name, "gpu": None if base_url else target.app.gpu.key,
-        "endpoint": target.base_url, "input": str(input_path), "output": str(job.output),
+        "endpoint": target.base_url, "input": str(job.checked.path), "output": str(job.output),
         "errors": str(job.errors), "started_at": started_at, "wall_s": wall,
         "cost_is_estimate": True, "models": models, "totals": totals,
     }
@@ -915,7 +915,7 @@ def _money(value: float | None) -> str:
     return "-" if value is None else f"${value:.2f}"
 
 
-def show_summary(summary: dict, run: Run, previous: Previous, saved: Path, job: Job) -> None:
+def show_summary(summary: dict, run: Run, previous: Previous, saved: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -1053,7 +1053,7 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
     finally:
         if view:
             view.bar.stop()
-    summary = summarize(job, run, started_at, input_path=input_path)
+    summary = summarize(job, run, started_at)
     saved = save_summary(summary, input_path, results_dir or RESULTS_DIR)
     import report  # the results page, rewritten with this run (plotly is imported only there)
 
@@ -1062,7 +1062,7 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         err.print(page.line, soft_wrap=True, markup=False)  # stdout stays one JSON document
     else:
-        show_summary(summary, run, previous, saved, job)
+        show_summary(summary, run, previous, saved)
         _console().print(page.line, soft_wrap=True, markup=False)
     for line in outcome_lines(run, job):
         err.print(line, soft_wrap=True, markup=False)
