@@ -1009,8 +1009,8 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
     output, errors = output_paths(input_path, output)
     checked = check_file(input_path, served, default, app.name)
     previous = scan_output(output, checked)
-    runs = {i: ModelRun(m, checked.to_send(i)) for i, m in enumerate(served)
-            if i in checked.starts and checked.to_send(i)}
+    # A model with a line left to send has a start: counting its lines is the one test.
+    runs = {i: ModelRun(m, n) for i, m in enumerate(served) if (n := checked.to_send(i))}
     if dry_run:
         return show_dry_run(checked, previous, output, runs, as_json=as_json)
     if previous.keep is not None:
