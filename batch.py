@@ -63,7 +63,6 @@ MAX_PROBLEMS = 50  # lines of a broken file shown; the rest are counted
 BLANK, ANSWERED = 255, 254  # in Checked.line_model: no request / already answered
 POLL_INTERVAL = 30.0  # seconds between counts of the running replicas (cost estimate)
 GRACE = 15.0  # seconds that requests in flight may still finish after Ctrl-C
-RESULTS_DIR = Path("results")
 INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports SIGINT
 
 
@@ -843,16 +842,11 @@ def summarize(job: Job, run: Run, started_at: str) -> dict:
     }
 
 
-def save_summary(summary: dict, input_path: Path, results_dir: Path = RESULTS_DIR) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
+def save_summary(summary: dict, input_path: Path, results_dir: Path) -> Path:
+    import bench
+
     stamp = datetime.fromisoformat(summary["started_at"]).strftime("%Y%m%dT%H%M%SZ")
-    path = results_dir / f"batch-{input_path.stem}-{stamp}.json"
-    n = 1
-    while path.exists():
-        n += 1
-        path = results_dir / f"batch-{input_path.stem}-{stamp}-{n}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    return bench.save_json(summary, results_dir, f"batch-{input_path.stem}-{stamp}")
 
 
 # ## Presentation: a progress bar on a terminal (stderr), the summary on stdout
@@ -1054,10 +1048,12 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
         if view:
             view.bar.stop()
     summary = summarize(job, run, started_at)
-    saved = save_summary(summary, input_path, results_dir or RESULTS_DIR)
+    import bench  # where --bench saves and --report reads, unless --results-dir says otherwise
     import report  # the results page, rewritten with this run (plotly is imported only there)
 
-    page = report.update_after_run(results_dir or RESULTS_DIR)
+    folder = results_dir or bench.DEFAULT_RESULTS_DIR
+    saved = save_summary(summary, input_path, folder)
+    page = report.update_after_run(folder)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         err.print(page.line, soft_wrap=True, markup=False)  # stdout stays one JSON document
