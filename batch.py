@@ -905,13 +905,11 @@ class ProgressView:
         self.bar.refresh()
 
 
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:.2f}"
-
-
 def show_summary(summary: dict, run: Run, previous: Previous, saved: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
+
+    import bench
 
     console = _console()
     table = Table(title=f"Batch through {summary['app']} at {summary['endpoint']}",
@@ -925,7 +923,7 @@ def show_summary(summary: dict, run: Run, previous: Previous, saved: Path) -> No
                       str(m["prompt_tokens"]), str(m["completion_tokens"]), f"{m['wall_s']:.1f} s",
                       f"{m['requests_per_s']:.2f}", f"{m['output_tokens_per_s']:.1f}",
                       "-" if m["replicas_seen"] is None else str(m["replicas_seen"]),
-                      _money(m["usd_estimate"]))
+                      bench._money(m["usd_estimate"]))
     console.print(table)
     say = lambda text: console.print(escape(text), soft_wrap=True)
     bases = {m["cost_basis"] for m in summary["models"].values()}
