@@ -1028,7 +1028,7 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
 
         def poll() -> dict[str, int | None]:
             return cloud.running_replicas(app, environment)
-    slots = concurrency or sum(matrix.defaults.max_concurrent_inputs for _ in runs)
+    slots = concurrency or matrix.defaults.max_concurrent_inputs * len(runs)
     job = Job(target, checked, output, errors, slots,
               resume_command(key, input_path, output, test_model=test_model, base_url=base_url,
                              concurrency=concurrency, deadline=deadline, environment=environment,
