@@ -63,7 +63,6 @@ MAX_PROBLEMS = 50  # lines of a broken file shown; the rest are counted
 BLANK, ANSWERED = 255, 254  # in Checked.line_model: no request / already answered
 POLL_INTERVAL = 30.0  # seconds between counts of the running replicas (cost estimate)
 GRACE = 15.0  # seconds that requests in flight may still finish after Ctrl-C
-RESULTS_DIR = Path("results")
 INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports SIGINT
 
 
@@ -796,7 +795,7 @@ def _rates(ok: int, completion_tokens: int, wall: float) -> tuple[float, float]:
     return round(ok / wall, 3), round(completion_tokens / wall, 3)
 
 
-def summarize(job: Job, run: Run, started_at: str, *, input_path: Path) -> dict:
+def summarize(job: Job, run: Run, started_at: str) -> dict:
     target = job.target
     base_url = job.poll is None
     scaledown = target.defaults.scaledown_window_seconds
@@ -837,22 +836,17 @@ def summarize(job: Job, run: Run, started_at: str, *, input_path: Path) -> dict:
     return {
         "kind": "modal-vllm-batch", "version": 1,
         "app": target.app.name, "gpu": None if base_url else target.app.gpu.key,
-        "endpoint": target.base_url, "input": str(input_path), "output": str(job.output),
+        "endpoint": target.base_url, "input": str(job.checked.path), "output": str(job.output),
         "errors": str(job.errors), "started_at": started_at, "wall_s": wall,
         "cost_is_estimate": True, "models": models, "totals": totals,
     }
 
 
-def save_summary(summary: dict, input_path: Path, results_dir: Path = RESULTS_DIR) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
+def save_summary(summary: dict, input_path: Path, results_dir: Path) -> Path:
+    import bench
+
     stamp = datetime.fromisoformat(summary["started_at"]).strftime("%Y%m%dT%H%M%SZ")
-    path = results_dir / f"batch-{input_path.stem}-{stamp}.json"
-    n = 1
-    while path.exists():
-        n += 1
-        path = results_dir / f"batch-{input_path.stem}-{stamp}-{n}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    return bench.save_json(summary, results_dir, f"batch-{input_path.stem}-{stamp}")
 
 
 # ## Presentation: a progress bar on a terminal (stderr), the summary on stdout
@@ -911,13 +905,11 @@ class ProgressView:
         self.bar.refresh()
 
 
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:.2f}"
-
-
-def show_summary(summary: dict, run: Run, previous: Previous, saved: Path, job: Job) -> None:
+def show_summary(summary: dict, run: Run, previous: Previous, saved: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
+
+    import bench
 
     console = _console()
     table = Table(title=f"Batch through {summary['app']} at {summary['endpoint']}",
@@ -931,7 +923,7 @@ def show_summary(summary: dict, run: Run, previous: Previous, saved: Path, job: 
                       str(m["prompt_tokens"]), str(m["completion_tokens"]), f"{m['wall_s']:.1f} s",
                       f"{m['requests_per_s']:.2f}", f"{m['output_tokens_per_s']:.1f}",
                       "-" if m["replicas_seen"] is None else str(m["replicas_seen"]),
-                      _money(m["usd_estimate"]))
+                      bench._money(m["usd_estimate"]))
     console.print(table)
     say = lambda text: console.print(escape(text), soft_wrap=True)
     bases = {m["cost_basis"] for m in summary["models"].values()}
@@ -1009,8 +1001,8 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
     output, errors = output_paths(input_path, output)
     checked = check_file(input_path, served, default, app.name)
     previous = scan_output(output, checked)
-    runs = {i: ModelRun(m, checked.to_send(i)) for i, m in enumerate(served)
-            if i in checked.starts and checked.to_send(i)}
+    # A model with a line left to send has a start: counting its lines is the one test.
+    runs = {i: ModelRun(m, n) for i, m in enumerate(served) if (n := checked.to_send(i))}
     if dry_run:
         return show_dry_run(checked, previous, output, runs, as_json=as_json)
     if previous.keep is not None:
@@ -1036,7 +1028,7 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
 
         def poll() -> dict[str, int | None]:
             return cloud.running_replicas(app, environment)
-    slots = concurrency or sum(matrix.defaults.max_concurrent_inputs for _ in runs)
+    slots = concurrency or matrix.defaults.max_concurrent_inputs * len(runs)
     job = Job(target, checked, output, errors, slots,
               resume_command(key, input_path, output, test_model=test_model, base_url=base_url,
                              concurrency=concurrency, deadline=deadline, environment=environment,
@@ -1053,16 +1045,18 @@ def batch_command(matrix: config.Matrix, app: plan.App, key: str, *, input_path:
     finally:
         if view:
             view.bar.stop()
-    summary = summarize(job, run, started_at, input_path=input_path)
-    saved = save_summary(summary, input_path, results_dir or RESULTS_DIR)
+    summary = summarize(job, run, started_at)
+    import bench  # where --bench saves and --report reads, unless --results-dir says otherwise
     import report  # the results page, rewritten with this run (plotly is imported only there)
 
-    page = report.update_after_run(results_dir or RESULTS_DIR)
+    folder = results_dir or bench.DEFAULT_RESULTS_DIR
+    saved = save_summary(summary, input_path, folder)
+    page = report.update_after_run(folder)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         err.print(page.line, soft_wrap=True, markup=False)  # stdout stays one JSON document
     else:
-        show_summary(summary, run, previous, saved, job)
+        show_summary(summary, run, previous, saved)
         _console().print(page.line, soft_wrap=True, markup=False)
     for line in outcome_lines(run, job):
         err.print(line, soft_wrap=True, markup=False)

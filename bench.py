@@ -363,17 +363,23 @@ def what_the_endpoint_reported(records: Sequence[RequestRecord], pool) -> dict:
             "engine_ms": _stats_ms(engine) if engine else None}
 
 
-def save_result(result: dict, results_dir: Path) -> Path:
+def save_json(data: dict, results_dir: Path, stem: str) -> Path:
+    """`data` as `stem`.json in `results_dir` (made if missing), or `stem`-2.json, -3, ... if
+    that name is taken: a saved run is never overwritten. --bench and --batch both save so."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = result["started_at"].replace(":", "").replace("-", "").split(".")[0]
-    path = results_dir / f"{result['model']}-{result['gpu']}-{stamp}.json"
+    path = results_dir / f"{stem}.json"
     n = 1
     while path.exists():
         n += 1
-        path = results_dir / f"{result['model']}-{result['gpu']}-{stamp}-{n}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+        path = results_dir / f"{stem}-{n}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def save_result(result: dict, results_dir: Path) -> Path:
+    stamp = result["started_at"].replace(":", "").replace("-", "").split(".")[0]
+    return save_json(result, results_dir, f"{result['model']}-{result['gpu']}-{stamp}")
 
 
 def run_bench(target, settings: Settings, *, results_dir: Path, max_ttft_ms: float | None,
